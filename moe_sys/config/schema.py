@@ -1,0 +1,136 @@
+"""Typed config tree: one section per component, a description per field.
+
+Unknown keys are errors (``extra='forbid'``); cross-field rules live in ``Config.check``, so the
+loader can report every problem as one line naming the key.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    vocab_size: int = Field(256, gt=0, description="256 = byte-level vocabulary of the embedded corpus")
+    d_model: int = Field(128, gt=0, description="hidden size D")
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    d_ff: int = Field(256, gt=0, description="FFN hidden size F of dense blocks (and of experts unless moe.d_expert)")
+    max_seq_len: int = Field(256, gt=0, description="longest sequence rotary tables are built for")
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = True
+    init_std: float = Field(0.02, gt=0)
+
+
+class MoEConfig(Section):
+    num_experts: int = Field(8, gt=0, description="routed experts per MoE layer (E)")
+    top_k: int = Field(2, gt=0, description="experts per token (K)")
+    every: int = Field(1, gt=0, description="an MoE block replaces the FFN in every `every`-th layer")
+    first_moe_layer: int = Field(0, ge=0, description="index of the first layer whose FFN is MoE")
+    d_expert: Optional[int] = Field(None, gt=0, description="expert FFN size; None = model.d_ff")
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    capacity_factor: Optional[float] = Field(None, gt=0, description="None = dropless; else C = ceil(T*K/E*cf)")
+    eval_capacity_factor: Optional[float] = Field(None, gt=0, description="None = same as capacity_factor")
+    min_capacity: int = Field(4, ge=0)
+    aux_loss_coef: float = Field(1e-2, ge=0, description="Switch load-balancing loss weight")
+    z_loss_coef: float = Field(1e-3, ge=0, description="router z-loss weight")
+
+
+class DomainConfig(Section):
+    name: str
+    path: Optional[str] = Field(None, description="indexed-dataset prefix (.bin/.idx); None = embedded corpus")
+    weight: float = Field(1.0, gt=0)
+
+
+class DataConfig(Section):
+    domains: List[DomainConfig] = Field(
+        default_factory=lambda: [DomainConfig(name="code", weight=0.5), DomainConfig(name="prose", weight=0.5)]
+    )
+    seq_len: int = Field(128, gt=0)
+    seed: int = 1234
+    valid_fraction: float = Field(0.02, gt=0, lt=1)
+    cache_dir: Optional[str] = Field(None, description="where corpora and sample indices are cached; None = ~/.cache/moe_sys")
+
+
+class TrainConfig(Section):
+    steps: int = Field(200, gt=0, description="optimizer steps")
+    micro_batch_size: int = Field(8, gt=0, description="sequences per rank per micro-step")
+    grad_accum_steps: int = Field(1, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: List[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    eval_every: int = Field(50, gt=0)
+    eval_batches: int = Field(4, gt=0)
+    seed: int = 42
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class ParallelConfig(Section):
+    procs: int = Field(2, gt=0, description="local ranks `moe-sys train` launches when no launcher started it")
+    ep_size: int = Field(2, gt=0, description="expert-parallel group size")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on GPU, gloo on CPU")
+    zero_stage: Literal[0, 1, 2] = 0
+
+
+class CheckpointConfig(Section):
+    every: int = Field(100, ge=0, description="save every N steps (0 = only at the end)")
+    keep: int = Field(2, ge=0, description="checkpoints kept (0 = all)")
+    save_final: bool = True
+
+
+class LoggingConfig(Section):
+    run_dir: str = Field("runs/tiny", description="where the resolved config, metrics and checkpoints go")
+    log_every: int = Field(10, gt=0)
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+class OpsConfig(Section):
+    impl: Literal["auto", "reference", "kernel"] = "auto"
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    ops: OpsConfig = Field(default_factory=OpsConfig)
+    deepspeed: Dict[str, Any] = Field(default_factory=dict, description="merged over the generated DeepSpeed config")
+
+    def check(self, world_size: Optional[int] = None) -> List[str]:
+        """Cross-field problems as (key, message) lines; empty when the config is consistent."""
+        m, moe, p = self.model, self.moe, self.parallel
+        problems = []
+        if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
+            problems.append(f"model.n_heads: d_model={m.d_model} must split into {m.n_heads} heads of even size")
+        if moe.top_k > moe.num_experts:
+            problems.append(f"moe.top_k: {moe.top_k} exceeds moe.num_experts={moe.num_experts}")
+        if moe.num_experts % p.ep_size:
+            problems.append(f"moe.num_experts: {moe.num_experts} is not divisible by parallel.ep_size={p.ep_size}")
+        if self.data.seq_len > m.max_seq_len:
+            problems.append(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        if moe.first_moe_layer >= m.n_layers:
+            problems.append(f"moe.first_moe_layer: {moe.first_moe_layer} but model.n_layers={m.n_layers}")
+        names = [d.name for d in self.data.domains]
+        if len(set(names)) != len(names):
+            problems.append(f"data.domains: names must be unique, got {names}")
+        for i, d in enumerate(self.data.domains):
+            if d.path is not None and not (os.path.exists(d.path + ".bin") and os.path.exists(d.path + ".idx")):
+                problems.append(f"data.domains.{i}.path: no indexed dataset at {d.path!r} (.bin/.idx); "
+                                "build one with `moe-sys prepare-data`")
+        world = world_size or p.procs
+        if world % p.ep_size:
+            problems.append(f"parallel.ep_size: world size {world} is not divisible by ep_size={p.ep_size}")
+        return problems

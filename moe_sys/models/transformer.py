@@ -1,0 +1,138 @@
+"""Decoder-only LM (pre-norm, RMSNorm, rotary positions, SDPA attention) whose FFN slots may be MoE.
+
+Legend: B batch, S sequence, D model dim, H heads, V vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_sys.moe.layer import MoELayer
+from moe_sys.moe.routing import RouterOutput
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles_SH = torch.outer(torch.arange(max_len).float(), inv_freq)
+    return angles_SH.cos(), angles_SH.sin()
+
+
+def apply_rotary(x_BHSd, cos_Sh, sin_Sh):
+    x1, x2 = x_BHSd[..., ::2], x_BHSd[..., 1::2]
+    cos, sin = cos_Sh.to(x_BHSd.dtype), sin_Sh.to(x_BHSd.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x_BSD, cos, sin):
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(B, S, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=False)
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, eps: float):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(d_model, eps), Attention(d_model, n_heads)
+        self.ffn_norm, self.ffn = RMSNorm(d_model, eps), ffn
+
+    def forward(self, x_BSD, cos, sin):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        h = self.ffn(self.ffn_norm(x_BSD))
+        routing = None
+        if isinstance(h, tuple):
+            h, routing = h
+        return x_BSD + h, routing
+
+
+@dataclass
+class LMOutput:
+    logits_BSV: torch.Tensor
+    routings: List[RouterOutput]  # one per MoE layer, in depth order
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg, moe_cfg):
+        """cfg: ModelConfig; moe_cfg: MoEConfig (decides which layers hold an MoE block)."""
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(
+            Block(cfg.d_model, cfg.n_heads, self._ffn(i, cfg, moe_cfg), cfg.norm_eps) for i in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rotary_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init(cfg.init_std)
+
+    @staticmethod
+    def _ffn(i: int, cfg, moe_cfg) -> nn.Module:
+        is_moe = i >= moe_cfg.first_moe_layer and (i - moe_cfg.first_moe_layer) % moe_cfg.every == 0
+        if not is_moe:
+            return SwiGLU(cfg.d_model, cfg.d_ff)
+        return MoELayer(cfg.d_model, moe_cfg.d_expert or cfg.d_ff, moe_cfg.num_experts, moe_cfg.top_k,
+                        activation=moe_cfg.activation, init_std=cfg.init_std,
+                        capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
+                        min_capacity=moe_cfg.min_capacity, aux_loss_coef=moe_cfg.aux_loss_coef,
+                        z_loss_coef=moe_cfg.z_loss_coef)
+
+    def _init(self, std: float):
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+
+    def moe_layers(self) -> List[MoELayer]:
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def forward(self, tokens_BS: torch.Tensor) -> LMOutput:
+        x = self.embed(tokens_BS)
+        routings = []
+        for layer in self.layers:
+            x, routing = layer(x, self.rope_cos, self.rope_sin)
+            if routing is not None:
+                routings.append(routing)
+        return LMOutput(self.head(self.norm(x)), routings)
+
+
+def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, loss_mask_BS: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over unmasked positions (fp32)."""
+    ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), reduction="none")
+    mask = loss_mask_BS.flatten().float()
+    return (ce * mask).sum() / mask.sum().clamp_min(1.0)
