@@ -1,0 +1,106 @@
+"""`moe-sys` subcommands: parse arguments and hand over. No logic lives here."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from moe_sys.config import ConfigError, dump_config, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set moe.top_k=1 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-sys", description="Mixture-of-Experts training on DeepSpeed")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model (starts the deepspeed launcher if no launcher started us)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
+    p = sub.add_parser("config", help="print the resolved config")
+    _config_args(p)
+    p = sub.add_parser("prepare-data", help="turn .txt/.jsonl files into an indexed dataset for data.domains")
+    p.add_argument("inputs", nargs="+", help=".txt files (one document each) or .jsonl files (one per line)")
+    p.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--jsonl-key", default="text", help="field holding the text in .jsonl lines")
+    sub.add_parser("doctor", help="show the environment: torch, DeepSpeed, kernels, launch variables")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "megatron", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _train(args) -> int:
+    from moe_sys.parallel import launch_env
+
+    launch = launch_env.detect()
+    world = launch.world_size if launch.launcher != "none" else None
+    cfg = load_config(args.config, args.overrides, world_size=world)
+    if launch.launcher == "none":
+        from moe_sys.parallel.local_launch import run_local
+
+        sets = [item for o in args.overrides for item in ("--set", o)]
+        return run_local(cfg.parallel.procs, ["train", args.config, *sets, *(["--resume"] if args.resume else [])])
+    from moe_sys.train.trainer import train
+
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _config(args) -> int:
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _prepare_data(args) -> int:
+    from moe_sys.data.prepare import prepare_data
+
+    stats = prepare_data(args.inputs, args.output, jsonl_key=args.jsonl_key)
+    print(f"wrote {args.output}.bin/.idx: {stats}")
+    return 0
+
+
+def _doctor(args) -> int:
+    import torch
+
+    from moe_sys import ops
+    from moe_sys.parallel import launch_env
+
+    lines = [f"python {sys.version.split()[0]}", f"torch {torch.__version__} (cuda available: {torch.cuda.is_available()})"]
+    for name in ("deepspeed", "megatron.core", "mpi4py"):
+        try:
+            module = __import__(name, fromlist=["__version__"])
+            lines.append(f"{name} {getattr(module, '__version__', '?')}")
+        except ImportError as e:
+            lines.append(f"{name}: not importable ({e})")
+    lines.append(f"ops: {ops.describe()}")
+    lines.append(f"launcher: {launch_env.detect()}")
+    print("\n".join(lines))
+    return 0
+
+
+COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The only importer of ``deepspeed.initialize``: DeepSpeed config, MoE registration, engine.
+
+DeepSpeed enables its MoE paths (expert-data-parallel gradient reduction, MoE-aware ZeRO, one
+checkpoint file per expert) only for modules that are instances of its own ``MoE`` class. Our MoE
+layers are made to pass that check, and present their stacked [El, ...] expert weights to
+``state_dict`` as per-expert entries under DeepSpeed's key prefix, so DeepSpeed writes and reads
+``layer_{L}_expert_{E}_mp_rank_00_model_states.pt`` for them, and a checkpoint can be reloaded at
+another expert-parallel size.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Dict
+
+import torch
+import torch.nn as nn
+
+from moe_sys.moe.layer import MoELayer
+from moe_sys.parallel.groups import ExpertGroups
+
+DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+
+
+def build_ds_config(cfg, world_size: int) -> Dict[str, Any]:
+    """DeepSpeed config from our sections, with ``cfg.deepspeed`` merged over it."""
+    t = cfg.train
+    ds: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
+                       "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio},
+        },
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "fp16": {"enabled": t.dtype == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ds, cfg.deepspeed)
+
+
+def _deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def register_moe_layers(model: nn.Module, groups: ExpertGroups) -> None:
+    """Make each MoELayer an instance of DeepSpeed's MoE and give it DeepSpeed's checkpoint view."""
+    from deepspeed.moe.layer import MoE
+
+    for layer in model.modules():
+        if isinstance(layer, MoELayer) and not isinstance(layer, MoE):
+            # The engine asks each MoE to create its groups; ours were created and passed in already.
+            skip_group_setup = {"set_deepspeed_parallelism": lambda self, *args, **kwargs: None}
+            layer.__class__ = type(f"DeepSpeed{type(layer).__name__}", (type(layer), MoE), skip_group_setup)
+            layer.expert_group_name = groups.name
+            layer.num_local_experts = layer.num_experts // groups.ep_size
+            layer._register_state_dict_hook(_experts_to_per_expert_keys)
+            layer.register_load_state_dict_pre_hook(_per_expert_keys_to_experts)
+
+
+def _experts_to_per_expert_keys(module, state_dict, prefix, local_metadata):
+    """experts.w_EDF [El, D, F] -> deepspeed_moe.experts.deepspeed_experts.{e}.w_EDF [D, F]."""
+    for name in [k for k in state_dict if k.startswith(prefix + "experts.")]:
+        stacked = state_dict.pop(name)
+        param = name[len(prefix + "experts."):]
+        for e, weight in enumerate(stacked.unbind(0)):
+            state_dict[f"{prefix}{DS_EXPERT_PREFIX}{e}.{param}"] = weight
+    return state_dict
+
+
+def _per_expert_keys_to_experts(module, state_dict, prefix, *args):
+    pattern = re.compile(re.escape(prefix + DS_EXPERT_PREFIX) + r"(\d+)\.(.+)")
+    found: Dict[str, Dict[int, torch.Tensor]] = {}
+    for key in list(state_dict):
+        match = pattern.fullmatch(key)
+        if match:
+            found.setdefault(match.group(2), {})[int(match.group(1))] = state_dict.pop(key)
+    for param, per_expert in found.items():
+        state_dict[f"{prefix}experts.{param}"] = torch.stack([per_expert[e] for e in sorted(per_expert)])
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg, world_size: int):
+    """deepspeed.initialize with our config; returns (engine, lr_scheduler)."""
+    import deepspeed
+
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=build_ds_config(cfg, world_size))
+    return engine, scheduler

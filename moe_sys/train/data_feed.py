@@ -1,0 +1,1 @@
+def build_feeds(cfg, rank, world): raise RuntimeError("pending")
