@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", help="turn .txt/.jsonl files into an indexed dataset for data.domains")
     p.add_argument("inputs", nargs="+", help=".txt files (one document each) or .jsonl files (one per line)")
     p.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--jsonl-key", default="text", help="field holding the text in .jsonl lines")
+    p.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines")
     sub.add_parser("doctor", help="show the environment: torch, DeepSpeed, kernels, launch variables")
     return parser
 
@@ -74,10 +74,14 @@ def _config(args) -> int:
 
 
 def _prepare_data(args) -> int:
-    from moe_sys.data.prepare import prepare_data
+    from moe_sys.data import PrepareDataError, prepare_data
 
-    stats = prepare_data(args.inputs, args.output, jsonl_key=args.jsonl_key)
-    print(f"wrote {args.output}.bin/.idx: {stats}")
+    try:
+        stats = prepare_data(args.inputs, args.output, text_key=args.text_key)
+    except PrepareDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}.bin/.idx: {stats.documents} documents, {stats.tokens} tokens")
     return 0
 
 

@@ -1,6 +1,7 @@
 """YAML -> Config, with `--set a.b=v` overrides and one-line errors that name the key."""
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from typing import Any, Dict, Iterable, Optional
@@ -28,9 +29,18 @@ def load_config(path: Optional[str], overrides: Iterable[str] = (), world_size: 
                 raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = deep_merge(Config().model_dump(), raw)  # defaults filled in, so overrides can index lists
     for item in overrides:
         apply_override(raw, item)
     return validate(raw, world_size)
+
+
+def deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    """base with over's values; nested mappings merge, everything else (lists too) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def validate(raw: Dict[str, Any], world_size: Optional[int] = None) -> Config:

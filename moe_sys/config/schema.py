@@ -50,7 +50,8 @@ class DomainConfig(Section):
 
 class DataConfig(Section):
     domains: List[DomainConfig] = Field(
-        default_factory=lambda: [DomainConfig(name="code", weight=0.5), DomainConfig(name="prose", weight=0.5)]
+        default_factory=lambda: [DomainConfig(name="code", weight=0.5), DomainConfig(name="prose", weight=0.3),
+                                 DomainConfig(name="data", weight=0.2)]
     )
     seq_len: int = Field(128, gt=0)
     seed: int = 1234
@@ -59,7 +60,8 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(200, gt=0, description="optimizer steps")
+    steps: int = Field(200, gt=0, description="optimizer steps; the LR schedule spans them")
+    stop_after: Optional[int] = Field(None, gt=0, description="end this invocation after this step (resume later)")
     micro_batch_size: int = Field(8, gt=0, description="sequences per rank per micro-step")
     grad_accum_steps: int = Field(1, gt=0)
     lr: float = Field(3e-3, gt=0)

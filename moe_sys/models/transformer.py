@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_sys.moe.layer import MoELayer
-from moe_sys.moe.routing import RouterOutput
+from moe_sys.moe.routing import RouterOutput, RoutingContext
 
 
 class RMSNorm(nn.Module):
@@ -70,13 +70,12 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(d_model, eps), Attention(d_model, n_heads)
         self.ffn_norm, self.ffn = RMSNorm(d_model, eps), ffn
 
-    def forward(self, x_BSD, cos, sin):
+    def forward(self, x_BSD, cos, sin, ctx: RoutingContext):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
-        h = self.ffn(self.ffn_norm(x_BSD))
-        routing = None
-        if isinstance(h, tuple):
-            h, routing = h
-        return x_BSD + h, routing
+        if isinstance(self.ffn, MoELayer):
+            h, routing = self.ffn(self.ffn_norm(x_BSD), ctx)
+            return x_BSD + h, routing
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None
 
 
 @dataclass
@@ -121,11 +120,14 @@ class TransformerLM(nn.Module):
     def moe_layers(self) -> List[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    def forward(self, tokens_BS: torch.Tensor) -> LMOutput:
+    def forward(self, tokens_BS: torch.Tensor, domain_B: Optional[torch.Tensor] = None,
+                mask_BS: Optional[torch.Tensor] = None) -> LMOutput:
+        """domain_B / mask_BS reach the routers (example- and task-level routing, padding)."""
         x = self.embed(tokens_BS)
+        ctx = RoutingContext(tuple(tokens_BS.shape), domain_B, mask_BS)
         routings = []
         for layer in self.layers:
-            x, routing = layer(x, self.rope_cos, self.rope_sin)
+            x, routing = layer(x, self.rope_cos, self.rope_sin, ctx)
             if routing is not None:
                 routings.append(routing)
         return LMOutput(self.head(self.norm(x)), routings)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from moe_sys.moe import dispatcher_a2a
 from moe_sys.moe.experts import ExpertBank
-from moe_sys.moe.routing import ROUTERS, RouterOutput
+from moe_sys.moe.routing import ROUTERS, RouterOutput, RoutingContext
 
 
 class MoELayer(nn.Module):
@@ -37,10 +37,10 @@ class MoELayer(nn.Module):
         self.experts.num_experts = local
         self.ep_group = ep_group if ep_size > 1 else None
 
-    def forward(self, x_BSD: torch.Tensor) -> Tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x_BSD: torch.Tensor, ctx: Optional[RoutingContext] = None) -> Tuple[torch.Tensor, RouterOutput]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, ctx if ctx is not None else RoutingContext((B, S)))
         x_RD, counts_E, meta = dispatcher_a2a.dispatch(x_TD, routing, self.num_experts, self.ep_group)
         y_RD = self.experts(x_RD, counts_E)
         y_TD = dispatcher_a2a.combine(y_RD, meta)

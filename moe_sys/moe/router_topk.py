@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from moe_sys import ops
 from moe_sys.moe import losses
-from moe_sys.moe.routing import RouterOutput, register_router
+from moe_sys.moe.routing import RouterOutput, RoutingContext, register_router
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float, min_capacity: int) -> int:
@@ -39,7 +39,7 @@ class TopKRouter(nn.Module):
         self.min_capacity = min_capacity
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, ctx: Optional[RoutingContext] = None) -> RouterOutput:
         # Gating in fp32: softmax over E in half precision flips near-tied choices between ranks.
         logits_TE = x_TD.float() @ self.weight.float().t()
         probs_TE = torch.softmax(logits_TE, dim=-1)

@@ -5,9 +5,23 @@ Legend: T tokens, K slots per token, E experts (global).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+
+
+@dataclass(frozen=True)
+class RoutingContext:
+    """Per-batch facts a router may use beyond the hidden states.
+
+    batch_shape: (B, S), so token t belongs to example t // S.
+    domain_B: int64 domain/task id of each example (from the data pipeline), or None.
+    mask_BS: 1 for real tokens, 0 for padding, or None when nothing is padded.
+    """
+
+    batch_shape: Tuple[int, int]
+    domain_B: Optional[torch.Tensor] = None
+    mask_BS: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ another expert-parallel size.
 """
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any, Dict
 
 import torch
 import torch.nn as nn
 
+from moe_sys.config import deep_merge
 from moe_sys.moe.layer import MoELayer
 from moe_sys.parallel.groups import ExpertGroups
 
@@ -41,14 +41,7 @@ def build_ds_config(cfg, world_size: int) -> Dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(ds, cfg.deepspeed)
-
-
-def _deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    return deep_merge(ds, cfg.deepspeed)
 
 
 def register_moe_layers(model: nn.Module, groups: ExpertGroups) -> None:

@@ -38,7 +38,7 @@ def train(cfg: Config, resume: bool = False) -> List[Dict]:
     torch.manual_seed(cfg.train.seed)
 
     engine = _build_engine(cfg, world)
-    train_feed, valid_feed = build_feeds(cfg, rank, world)
+    train_feed, valid_batches = build_feeds(cfg, rank, world)
     start = 0
     if resume:
         state = checkpoint.load(engine, cfg.logging.run_dir)
@@ -47,16 +47,17 @@ def train(cfg: Config, resume: bool = False) -> List[Dict]:
     writer = MetricsWriter(cfg.logging.run_dir, cfg.logging.tensorboard, start if resume else None) if rank == 0 else None
     progress = Progress(cfg.train.steps, start, enabled=rank == 0 and cfg.logging.progress_bar)
     history = []
-    for step in range(start + 1, cfg.train.steps + 1):
+    last = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
+    for step in range(start + 1, last + 1):
         record = train_step(engine, train_feed, cfg)
         record["step"] = step
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            record["val_loss"] = evaluate(engine, valid_feed, cfg.train.eval_batches)
+            record["val_loss"] = evaluate(engine, valid_batches())
         progress.update(record)
         history.append(record)
         if writer and (step % cfg.logging.log_every == 0 or "val_loss" in record or step == start + 1):
             writer.write(record)
-        if _checkpoint_due(cfg, step):
+        if _checkpoint_due(cfg, step, last):
             checkpoint.save(engine, cfg.logging.run_dir, step, {"data": train_feed.state_dict()}, cfg.checkpoint.keep)
     progress.close()
     if writer:
@@ -83,8 +84,8 @@ def train_step(engine, feed, cfg: Config) -> Dict:
     loads: List[torch.Tensor] = []
     tokens = 0
     for _ in range(cfg.train.grad_accum_steps):
-        batch = feed.next()
-        out = engine(batch["tokens"])
+        batch = next(feed)
+        out = engine(batch["tokens"], batch["domain_ids"])
         lm = lm_loss(out.logits_BSV, batch["labels"], batch["loss_mask"])
         aux, z = _router_losses(out.routings)
         engine.backward(lm + aux + z)
@@ -127,22 +128,22 @@ def _global_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, feed, batches: int) -> float:
-    """Mean held-out LM loss over the same `batches` validation batches every time."""
+def evaluate(engine, batches) -> float:
+    """Mean held-out LM loss over one pass of the validation batches (the same ones every time)."""
     engine.eval()
-    feed.reset()
-    total = torch.zeros(())
-    for _ in range(batches):
-        batch = feed.next()
-        out = engine(batch["tokens"])
+    total, count = torch.zeros(()), 0
+    for batch in batches:
+        out = engine(batch["tokens"], batch["domain_ids"])
         total += lm_loss(out.logits_BSV, batch["labels"], batch["loss_mask"]).float().cpu()
+        count += 1
     engine.train()
-    return float(_global_mean(total / batches))
+    return float(_global_mean(total / max(count, 1)))
 
 
-def _checkpoint_due(cfg: Config, step: int) -> bool:
+def _checkpoint_due(cfg: Config, step: int, last: int) -> bool:
+    """Every N steps, and at the last step of this invocation (so a stopped run can resume)."""
     every = cfg.checkpoint.every
-    return (every > 0 and step % every == 0) or (step == cfg.train.steps and cfg.checkpoint.save_final)
+    return (every > 0 and step % every == 0) or (step == last and cfg.checkpoint.save_final)
 
 
 def _prepare_run_dir(cfg: Config, rank: int) -> None:
