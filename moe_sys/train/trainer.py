@@ -84,7 +84,7 @@ def train_step(engine, feed, cfg: Config) -> Dict:
     loads: List[torch.Tensor] = []
     tokens = 0
     for _ in range(cfg.train.grad_accum_steps):
-        batch = next(feed)
+        batch = _to_device(next(feed), engine.device)
         out = engine(batch["tokens"], batch["domain_ids"])
         lm = lm_loss(out.logits_BSV, batch["labels"], batch["loss_mask"])
         aux, z = _router_losses(out.routings)
@@ -121,6 +121,10 @@ def _accumulate(sums: Dict[str, torch.Tensor], **values: torch.Tensor) -> None:
         sums[key] = sums.get(key, 0) + value.detach().float()
 
 
+def _to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def _global_mean(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().clone()
     dist.all_reduce(t)
@@ -131,10 +135,11 @@ def _global_mean(t: torch.Tensor) -> torch.Tensor:
 def evaluate(engine, batches) -> float:
     """Mean held-out LM loss over one pass of the validation batches (the same ones every time)."""
     engine.eval()
-    total, count = torch.zeros(()), 0
+    total, count = torch.zeros((), device=engine.device), 0
     for batch in batches:
+        batch = _to_device(batch, engine.device)
         out = engine(batch["tokens"], batch["domain_ids"])
-        total += lm_loss(out.logits_BSV, batch["labels"], batch["loss_mask"]).float().cpu()
+        total += lm_loss(out.logits_BSV, batch["labels"], batch["loss_mask"]).float()
         count += 1
     engine.train()
     return float(_global_mean(total / max(count, 1)))
