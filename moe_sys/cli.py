@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import List, Optional
 
@@ -30,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines")
     sub.add_parser("doctor", help="show the environment: torch, DeepSpeed, kernels, launch variables")
+    p = sub.add_parser("sweep", help="run a grid of configs, then write results.csv, results.md and plots")
+    p.add_argument("spec", help="sweep file, e.g. configs/sweeps/tiny_grid.yaml")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--slurm", action="store_true", help="submit the unfinished points as a SLURM job array")
+    mode.add_argument("--report-only", action="store_true", help="only write the results of the runs so far")
     return parser
 
 
@@ -44,7 +48,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    from moe_sys.parallel import launch_env
+
+    rank = launch_env.detect().rank  # srun and mpirun set no RANK
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "megatron", "torch.distributed"):
@@ -104,7 +110,20 @@ def _doctor(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor}
+def _sweep(args) -> int:
+    from moe_sys import sweep
+
+    spec = sweep.load_sweep(args.spec)
+    try:
+        if args.report_only:
+            return sweep.report(spec)
+        return sweep.submit_slurm(spec) if args.slurm else sweep.run_local(spec)
+    except RuntimeError as e:  # sbatch refused the jobs
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "sweep": _sweep}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,10 +11,14 @@ from typing import List
 
 log = logging.getLogger("moe_sys")
 
+# Signals passed on to the ranks: they make them checkpoint and stop at the next step boundary.
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+
 
 def free_port() -> int:
+    """A TCP port free on every interface (so also on the one other nodes connect to)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -23,15 +28,41 @@ def launcher_command(procs: int, cli_args: List[str]) -> List[str]:
 
 
 def run_local(procs: int, cli_args: List[str]) -> int:
-    """Run the deepspeed launcher in the foreground; its exit code becomes ours."""
+    """Run the deepspeed launcher in the foreground; its exit code becomes ours.
+
+    SIGTERM/SIGUSR1 sent to us go to the ranks themselves: the deepspeed launcher dies of SIGUSR1,
+    and answers SIGTERM by killing the ranks 30 s later, checkpoint written or not.
+    """
     env = dict(os.environ)
     if not _has_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")
         # One compute thread per rank per core keeps ranks from fighting over the same cores.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
-    cmd = launcher_command(procs, cli_args)
     log.info("no launcher detected: starting %d local ranks with the deepspeed launcher", procs)
-    return subprocess.call(cmd, env=env)
+    child = subprocess.Popen(launcher_command(procs, cli_args), env=env)
+
+    def forward(signum, frame):
+        _signal_ranks(child.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _signal_ranks(launcher_pid: int, signum: int) -> None:
+    """Signal the launcher's descendants that run moe_sys.cli (the ranks, not the launchers)."""
+    import psutil  # a DeepSpeed dependency
+
+    for proc in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+            if "moe_sys.cli" in cmdline and "deepspeed.launcher" not in cmdline:
+                proc.send_signal(signum)
+        except psutil.Error:  # it exited meanwhile
+            pass
 
 
 def _has_gpu() -> bool:

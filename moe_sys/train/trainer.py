@@ -16,7 +16,7 @@ from moe_sys.moe.routing import RouterOutput
 from moe_sys.parallel import deepspeed_engine, launch_env
 from moe_sys.parallel.experts import shard_and_mark_experts
 from moe_sys.parallel.groups import create_expert_groups, init_distributed
-from moe_sys.train import checkpoint
+from moe_sys.train import checkpoint, signals
 from moe_sys.train.data_feed import build_feeds
 from moe_sys.train.metrics import MetricsWriter
 from moe_sys.train.progress import Progress
@@ -26,6 +26,7 @@ log = logging.getLogger("moe_sys")
 
 def train(cfg: Config, resume: bool = False) -> List[Dict]:
     """Run cfg.train.steps optimizer steps (continuing from the latest checkpoint if resume)."""
+    stop = signals.StopSignals()  # SIGTERM/SIGUSR1, even during setup: checkpoint at the next step, then stop
     launch = launch_env.detect()
     os.environ.update(launch_env.torch_env(launch))
     init_distributed(cfg.parallel.backend)
@@ -57,8 +58,14 @@ def train(cfg: Config, resume: bool = False) -> List[Dict]:
         history.append(record)
         if writer and (step % cfg.logging.log_every == 0 or "val_loss" in record or step == start + 1):
             writer.write(record)
-        if _checkpoint_due(cfg, step, last):
+        stop_signal = stop.agreed(engine.device)
+        if _checkpoint_due(cfg, step, last) or stop_signal:
             checkpoint.save(engine, cfg.logging.run_dir, step, {"data": train_feed.state_dict()}, cfg.checkpoint.keep)
+        if stop_signal:
+            if rank == 0:
+                signals.after_stop(stop_signal, step, more_steps=step < last)
+            break
+    stop.restore()
     progress.close()
     if writer:
         writer.close()
