@@ -63,7 +63,7 @@ def torch_env(launch: LaunchEnv, env: Mapping[str, str] = os.environ) -> Dict[st
     out = {"RANK": str(launch.rank), "LOCAL_RANK": str(launch.local_rank), "WORLD_SIZE": str(launch.world_size)}
     if launch.launcher == "slurm":
         out["MASTER_ADDR"] = _first_host(env.get("SLURM_JOB_NODELIST", "localhost"))
-        out["MASTER_PORT"] = str(29500 + int(env.get("SLURM_JOB_ID", 0)) % 1000)
+        out["MASTER_PORT"] = str(slurm_port(int(env.get("SLURM_JOB_ID", 0))))
     elif launch.launcher == "mpi" and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
         out["MASTER_ADDR"], out["MASTER_PORT"] = _mpi_rendezvous()
     return {k: v for k, v in out.items() if k not in env}
@@ -79,6 +79,12 @@ def _mpi_rendezvous() -> Tuple[str, str]:
     world = MPI.COMM_WORLD
     here = (socket.gethostname(), str(free_port())) if world.Get_rank() == 0 else None
     return world.bcast(here, root=0)
+
+
+def slurm_port(job_id: int) -> int:
+    """The job's rendezvous port, as launch/slurm/*.sbatch compute it: jobs sharing a node get
+    different ports unless their ids differ by a multiple of 20000; below Linux's ephemeral range."""
+    return 10000 + job_id % 20000
 
 
 def _first_host(nodelist: str) -> str:

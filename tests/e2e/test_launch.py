@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from moe_sys.cli import main
+from moe_sys.parallel.local_launch import free_port
 from tests.e2e.conftest import REPO, TINY, read_metrics
 
 SHORT = ["--set", "train.steps=4", "--set", "model.n_layers=2", "--set", "data.seq_len=64",
@@ -36,7 +37,7 @@ def test_deepspeed_launcher_with_a_two_slot_hostfile(tmp_path, quick_sets):
     run_dir = tmp_path / "run"
     # A hostfile naming only this node: no ssh to check, the master is here.
     cmd = ["bash", "launch/deepspeed.sh", "--hostfile", str(hostfile), "--include", "localhost:0,1", "--no_ssh_check",
-           "--master_addr", "127.0.0.1", "--", TINY, *quick_sets, *SHORT, "--set", f"logging.run_dir={run_dir}"]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--", TINY, *quick_sets, *SHORT, "--set", f"logging.run_dir={run_dir}"]
     _check_trained(_run(cmd, tmp_path), run_dir, "deepspeed")
 
 

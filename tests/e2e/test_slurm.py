@@ -7,6 +7,7 @@ the tests are skipped, saying why, only where that is impossible.
 """
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -60,6 +61,8 @@ def _free_port():
 
 SLURM_CONF = """\
 ClusterName=moesys{port}
+# Job ids (and so the jobs' rendezvous ports) unlike those of a test session running beside this one
+FirstJobId={first_job}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={port}
 SlurmdPort={dport}
@@ -114,7 +117,7 @@ class Cluster:
         self._until(lambda: os.path.exists(f"{d}/munge.socket"), "munged did not start")
         with open(self.conf, "w") as f:
             f.write(SLURM_CONF.format(host=socket.gethostname().split(".")[0], port=_free_port(), dport=_free_port(),
-                                      dir=d, cpus=max(2, os.cpu_count() or 1)))
+                                      dir=d, cpus=max(2, os.cpu_count() or 1), first_job=random.randrange(1, 10**6)))
         self._daemon(["slurmctld", "-D", "-f", self.conf])
         self._daemon(["slurmd", "-D", "-f", self.conf])
         self._until(lambda: self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip() == "idle",

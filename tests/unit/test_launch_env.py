@@ -31,7 +31,7 @@ def test_mpi_is_checked_before_slurm(monkeypatch):
 def test_slurm_rendezvous_from_nodelist_and_job_id():
     env = {"SLURM_JOB_NODELIST": "gpu[07-09,12],cpu1", "SLURM_JOB_ID": "123456"}
     assert torch_env(LaunchEnv("slurm", 5, 1, 16), env) == {
-        "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "MASTER_ADDR": "gpu07", "MASTER_PORT": "29956"}
+        "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "MASTER_ADDR": "gpu07", "MASTER_PORT": "13456"}
     # What train.sbatch exported (scontrol's reading of the nodelist) wins.
     assert "MASTER_ADDR" not in torch_env(LaunchEnv("slurm", 0, 0, 2), {**env, "MASTER_ADDR": "gpu07"})
 
