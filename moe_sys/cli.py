@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines")
     sub.add_parser("doctor", help="show the environment: torch, DeepSpeed, kernels, launch variables")
+    p = sub.add_parser("plot", help="draw PNGs of a run's expert load, domain x expert usage and losses")
+    p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
     p = sub.add_parser("sweep", help="run a grid of configs, then write results.csv, results.md and plots")
     p.add_argument("spec", help="sweep file, e.g. configs/sweeps/tiny_grid.yaml")
     mode = p.add_mutually_exclusive_group()
@@ -123,7 +126,19 @@ def _sweep(args) -> int:
         return 2
 
 
-COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "sweep": _sweep}
+def _plot(args) -> int:
+    from moe_sys.analysis.plot import plot_run
+
+    try:
+        for path in plot_run(args.run_dir, args.out):
+            print(path)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot, "sweep": _sweep}
 
 if __name__ == "__main__":
     sys.exit(main())

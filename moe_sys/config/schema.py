@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from moe_sys.config.routing_rules import routing_problems
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -28,6 +30,52 @@ class ModelConfig(Section):
     init_std: float = Field(0.02, gt=0)
 
 
+class RouterConfig(Section):
+    """How tokens pick experts. Semantics and the differences from DeepSpeed/Megatron: docs/routing.md."""
+
+    type: Literal["topk", "expert_choice", "example", "task"] = Field(
+        "topk", description="topk: each token picks K experts; expert_choice: each expert picks its top tokens; "
+        "example: one choice per sequence from its mean hidden state; task: by the sample's domain id")
+    score: Literal["softmax", "sigmoid"] = Field("softmax", description="expert affinity, computed in fp32")
+    pre_softmax: bool = Field(True, description="softmax over all E then top-k (DeepSpeed); false: top-k on logits, "
+                              "softmax over the K (Megatron's default)")
+    normalize: Optional[bool] = Field(None, description="renormalise the kept weights to sum 1; None = when top_k > 1")
+    scale: float = Field(1.0, gt=0, description="multiplies the gate weights (DeepSeek-V3 routed_scaling_factor)")
+    drop_policy: Literal["position", "probs", "random"] = Field(
+        "position", description="which slots an over-capacity expert drops: later positions (first choices first), "
+        "lowest affinity, or a random priority")
+    num_groups: Optional[int] = Field(None, gt=0, description="group-limited routing: experts split into this many "
+                                      "groups (e.g. one per EP rank or node)")
+    group_topk: Optional[int] = Field(None, gt=0, description="groups each token may use (top groups by the sum of "
+                                      "their best top_k/group_topk scores)")
+    jitter_eps: float = Field(0.0, ge=0, lt=1, description="training: router input times U[1-eps, 1+eps]")
+    noisy_gating: bool = Field(False, description="training: Shazeer noisy top-k, logits + N(0,1)*softplus(x W_noise)")
+    sample_second: bool = Field(False, description="training: slots 2..K sampled by Gumbel-max (DeepSpeed top-2)")
+    allow_noncausal: bool = Field(False, description="accept routers whose choice for a token reads later tokens "
+                                  "(expert_choice, example) in this causal LM")
+    task_table: Optional[List[List[int]]] = Field(None, description="task router: the top_k experts of each domain, "
+                                                  "in data.domains order; None = learned task embedding")
+
+
+class BalanceLossConfig(Section):
+    type: Literal["switch", "seq", "global", "z", "mi"] = Field(
+        description="switch: micro-batch aux loss; seq: per sequence; global: expert counts over the data-parallel "
+        "group and the step's micro-batches; z: router z-loss; mi: -(H(expert) - H(expert|domain))")
+    coef: float = Field(ge=0)
+
+
+class BiasConfig(Section):
+    enabled: bool = Field(False, description="aux-loss-free balancing: per-expert bias on the selection scores")
+    update_rate: float = Field(1e-3, gt=0, description="u in b += u * sign(mean load - load), once per optimizer step")
+
+
+class BalanceConfig(Section):
+    losses: List[BalanceLossConfig] = Field(
+        default_factory=lambda: [BalanceLossConfig(type="switch", coef=1e-2), BalanceLossConfig(type="z", coef=1e-3)],
+        description="weighted losses added to the LM loss")
+    bias: BiasConfig = Field(default_factory=BiasConfig)
+
+
 class MoEConfig(Section):
     num_experts: int = Field(8, gt=0, description="routed experts per MoE layer (E)")
     top_k: int = Field(2, gt=0, description="experts per token (K)")
@@ -38,8 +86,15 @@ class MoEConfig(Section):
     capacity_factor: Optional[float] = Field(None, gt=0, description="None = dropless; else C = ceil(T*K/E*cf)")
     eval_capacity_factor: Optional[float] = Field(None, gt=0, description="None = same as capacity_factor")
     min_capacity: int = Field(4, ge=0)
-    aux_loss_coef: float = Field(1e-2, ge=0, description="Switch load-balancing loss weight")
-    z_loss_coef: float = Field(1e-3, ge=0, description="router z-loss weight")
+    shared_experts: int = Field(0, ge=0, description="always-on experts beside the routed ones (one dense FFN of "
+                                "shared_experts * expert width)")
+    shared_gate: bool = Field(False, description="scale the shared experts' output by a learned per-token sigmoid")
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    balance: BalanceConfig = Field(default_factory=BalanceConfig)
+
+    def check(self, num_domains: int) -> List[str]:
+        """Router/balance rules, one line each (see docs/routing.md)."""
+        return routing_problems(self, num_domains)
 
 
 class DomainConfig(Section):
@@ -123,6 +178,7 @@ class Config(Section):
             problems.append(f"moe.num_experts: {moe.num_experts} is not divisible by parallel.ep_size={p.ep_size}")
         if self.data.seq_len > m.max_seq_len:
             problems.append(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        problems += moe.check(len(self.data.domains))
         if moe.first_moe_layer >= m.n_layers:
             problems.append(f"moe.first_moe_layer: {moe.first_moe_layer} but model.n_layers={m.n_layers}")
         names = [d.name for d in self.data.domains]

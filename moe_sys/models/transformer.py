@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_sys.moe.layer import MoELayer
+from moe_sys.moe.layer import MoELayer, build_moe_layer
 from moe_sys.moe.routing import RouterOutput, RoutingContext
 
 
@@ -85,12 +85,13 @@ class LMOutput:
 
 
 class TransformerLM(nn.Module):
-    def __init__(self, cfg, moe_cfg):
-        """cfg: ModelConfig; moe_cfg: MoEConfig (decides which layers hold an MoE block)."""
+    def __init__(self, cfg, moe_cfg, num_domains: int = 1):
+        """cfg: ModelConfig; moe_cfg: MoEConfig (decides which layers hold an MoE block);
+        num_domains: distinct domain ids in batches (task-level routing and the MI loss need it)."""
         super().__init__()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, self._ffn(i, cfg, moe_cfg), cfg.norm_eps) for i in range(cfg.n_layers)
+            Block(cfg.d_model, cfg.n_heads, self._ffn(i, cfg, moe_cfg, num_domains), cfg.norm_eps) for i in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -102,15 +103,11 @@ class TransformerLM(nn.Module):
         self._init(cfg.init_std)
 
     @staticmethod
-    def _ffn(i: int, cfg, moe_cfg) -> nn.Module:
+    def _ffn(i: int, cfg, moe_cfg, num_domains: int) -> nn.Module:
         is_moe = i >= moe_cfg.first_moe_layer and (i - moe_cfg.first_moe_layer) % moe_cfg.every == 0
         if not is_moe:
             return SwiGLU(cfg.d_model, cfg.d_ff)
-        return MoELayer(cfg.d_model, moe_cfg.d_expert or cfg.d_ff, moe_cfg.num_experts, moe_cfg.top_k,
-                        activation=moe_cfg.activation, init_std=cfg.init_std,
-                        capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
-                        min_capacity=moe_cfg.min_capacity, aux_loss_coef=moe_cfg.aux_loss_coef,
-                        z_loss_coef=moe_cfg.z_loss_coef)
+        return build_moe_layer(cfg.d_model, cfg.d_ff, moe_cfg, cfg.init_std, num_domains)
 
     def _init(self, std: float):
         for module in self.modules():

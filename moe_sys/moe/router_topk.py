@@ -1,68 +1,69 @@
-"""Token-choice top-k router: each token picks its K highest-scoring experts.
+"""Token-choice top-k router: each token picks its K best experts, then capacity may drop slots.
 
-Legend: T tokens, D model dim, E experts, K slots per token.
+``route_rows`` is the top-k path itself; the example- and task-level routers run it on one row
+per example instead of one per token.
+
+Legend: N rows, T tokens, D model dim, E experts, K slots per row.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from moe_sys import ops
-from moe_sys.moe import losses
-from moe_sys.moe.routing import RouterOutput, RoutingContext, register_router
+from moe_sys.moe import scoring
+from moe_sys.moe.balance import Balancer
+from moe_sys.moe.capacity import Capacity
+from moe_sys.moe.gate import Gate
+from moe_sys.moe.routing import (RouterOutput, RouterSpec, RoutingContext, Rows, register_router, route_stats,
+                                 slot_drop_fraction, token_rows)
 
 
-def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float, min_capacity: int) -> int:
-    """Slots per expert: ceil(T*K/E * factor), at least min_capacity (GShard/DeepSpeed convention)."""
-    return max(math.ceil(num_tokens * top_k / num_experts * factor), min_capacity)
+@dataclass(frozen=True)
+class RowRouting:
+    weights_NK: torch.Tensor  # final gate weights, 0 where dropped
+    expert_ids_NK: torch.Tensor  # after capacity (-1 = dropped or padding)
+    chosen_NK: torch.Tensor  # before capacity (-1 = padding)
+    probs_NE: torch.Tensor  # the distribution losses and entropy read
+    losses: Dict[str, torch.Tensor]
+
+
+def route_rows(logits_NE: torch.Tensor, rows: Rows, top_k: int, spec: RouterSpec, balancer: Balancer,
+               training: bool, capacity: Optional[Capacity] = None) -> RowRouting:
+    """Choose -> count for the bias -> losses (training only) -> capacity -> final weights.
+
+    Losses see the choice before capacity: a dropped token still asked for its expert, and that
+    demand is what balancing should flatten (DeepSpeed and Megatron do the same).
+    """
+    gumbel_NE = scoring.sample_gumbel(logits_NE.shape, logits_NE.device) if training and spec.noise.sample_second else None
+    weights_NK, chosen_NK, affinity_NE = scoring.choose(logits_NE, top_k, spec.selection, balancer.bias_E, gumbel_NE)
+    if rows.valid_N is not None:  # padding takes no expert slot and no share of capacity
+        chosen_NK = chosen_NK.masked_fill(rows.valid_N[:, None] == 0, -1)
+    balancer.observe(chosen_NK, rows)
+    probs_NE = scoring.loss_probs(affinity_NE, spec.selection.score)
+    route_losses = balancer.losses(logits_NE, probs_NE, chosen_NK, rows) if training else {}
+    kept_NK = capacity.apply(chosen_NK, affinity_NE, training) if capacity is not None else chosen_NK
+    weights_NK = scoring.finish_weights(weights_NK, kept_NK >= 0, top_k, spec.selection)
+    return RowRouting(weights_NK, kept_NK, chosen_NK, probs_NE, route_losses)
 
 
 @register_router("topk")
 class TopKRouter(nn.Module):
-    """Softmax gating in fp32, top-k selection, optional capacity with positional dropping.
+    """Token choice with any K: softmax or sigmoid scores, pre/post softmax, group limits, noise,
+    aux-loss-free bias, and capacity with a position / probs / random drop policy."""
 
-    Weights are renormalised over the K chosen experts when K > 1; with K = 1 the raw probability
-    is kept so the LM loss still sends gradient to the router (Switch Transformer).
-    """
-
-    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: Optional[float] = None,
-                 eval_capacity_factor: Optional[float] = None, min_capacity: int = 4,
-                 aux_loss_coef: float = 1e-2, z_loss_coef: float = 1e-3):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, spec: RouterSpec = RouterSpec(),
+                 init_std: float = 0.02, num_tasks: int = 1):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
-        self.num_experts, self.top_k = num_experts, top_k
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor if eval_capacity_factor is not None else capacity_factor
-        self.min_capacity = min_capacity
-        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.top_k, self.spec = top_k, spec
+        self.gate = Gate(d_model, num_experts, init_std, spec.noise)
+        self.balance = Balancer(num_experts, spec.balance, num_tasks)
 
-    def forward(self, x_TD: torch.Tensor, ctx: Optional[RoutingContext] = None) -> RouterOutput:
-        # Gating in fp32: softmax over E in half precision flips near-tied choices between ranks.
-        logits_TE = x_TD.float() @ self.weight.float().t()
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        weights_TK, expert_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if self.top_k > 1:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        load_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=self.num_experts).float()
-        route_losses = {}
-        if self.aux_loss_coef > 0:
-            route_losses["aux_loss"] = self.aux_loss_coef * losses.switch_aux_loss(probs_TE, expert_ids_TK)
-        if self.z_loss_coef > 0:
-            route_losses["z_loss"] = self.z_loss_coef * losses.z_loss(logits_TE)
-        expert_ids_TK = self._drop_over_capacity(expert_ids_TK)
-        kept_TK = expert_ids_TK >= 0
-        weights_TK = weights_TK * kept_TK
-        stats = {"load_E": load_E / max(expert_ids_TK.numel(), 1),
-                 "dropped_fraction": 1.0 - kept_TK.float().mean() if kept_TK.numel() else load_E.new_zeros(())}
-        return RouterOutput(weights_TK, expert_ids_TK, logits_TE, route_losses, stats)
-
-    def _drop_over_capacity(self, expert_ids_TK: torch.Tensor) -> torch.Tensor:
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        if factor is None:
-            return expert_ids_TK
-        cap = capacity(expert_ids_TK.shape[0], self.num_experts, self.top_k, factor, self.min_capacity)
-        index = ops.build_index(expert_ids_TK, self.num_experts, cap)
-        return torch.where(index.dest_row_TK >= 0, expert_ids_TK, torch.full_like(expert_ids_TK, -1))
+    def forward(self, x_TD: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
+        rows = token_rows(ctx, x_TD.device)
+        logits_TE = self.gate(x_TD)
+        r = route_rows(logits_TE, rows, self.top_k, self.spec, self.balance, self.training, self.spec.capacity)
+        stats = route_stats(r.chosen_NK, slot_drop_fraction(r.chosen_NK, r.expert_ids_NK), r.probs_NE, rows.valid_N)
+        return RouterOutput(r.weights_NK, r.expert_ids_NK, logits_TE, r.losses, stats)

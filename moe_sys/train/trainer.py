@@ -12,7 +12,7 @@ import torch.distributed as dist
 from moe_sys import ops
 from moe_sys.config import Config, dump_config
 from moe_sys.models.transformer import TransformerLM, lm_loss
-from moe_sys.moe.routing import RouterOutput
+from moe_sys.moe import balance, observe
 from moe_sys.parallel import deepspeed_engine, launch_env
 from moe_sys.parallel.experts import shard_and_mark_experts
 from moe_sys.parallel.groups import create_expert_groups, init_distributed
@@ -74,9 +74,10 @@ def train(cfg: Config, resume: bool = False) -> List[Dict]:
 
 def _build_engine(cfg: Config, world: int):
     """Single-device model -> shard and mark experts -> DeepSpeed engine, once, in this order."""
-    model = TransformerLM(cfg.model, cfg.moe)
+    model = TransformerLM(cfg.model, cfg.moe, num_domains=len(cfg.data.domains))
     groups = create_expert_groups(cfg.parallel.ep_size)
     shard_and_mark_experts(model, groups)
+    balance.set_group(model, dist.group.WORLD)  # routers are replicated: every rank is a data-parallel rank
     deepspeed_engine.register_moe_layers(model, groups)
     from moe_sys.train.optim import build_optimizer
 
@@ -88,39 +89,29 @@ def train_step(engine, feed, cfg: Config) -> Dict:
     """One optimizer step over grad_accum_steps micro-batches; returns globally averaged metrics."""
     start = time.perf_counter()
     sums: Dict[str, torch.Tensor] = {}
-    loads: List[torch.Tensor] = []
+    routing_stats = observe.StepStats(len(cfg.data.domains))
     tokens = 0
     for _ in range(cfg.train.grad_accum_steps):
         batch = _to_device(next(feed), engine.device)
         out = engine(batch["tokens"], batch["domain_ids"])
         lm = lm_loss(out.logits_BSV, batch["labels"], batch["loss_mask"])
-        aux, z = _router_losses(out.routings)
-        engine.backward(lm + aux + z)
+        route_losses = observe.router_losses(out.routings)  # name -> summed over layers, already weighted
+        engine.backward(lm + sum(route_losses.values(), torch.zeros_like(lm)))
         engine.step()
-        _accumulate(sums, lm=lm, aux_loss=aux, z_loss=z, dropped=_dropped(out.routings))
-        loads.append(torch.stack([r.stats["load_E"] for r in out.routings]))
+        _accumulate(sums, lm=lm, **route_losses)
+        routing_stats.add(out.routings, batch["domain_ids"])
         tokens += batch["tokens"].numel()
+    balance.step(engine.module)  # once per optimizer step: aux-loss-free bias, global-batch counts
     means = _global_mean(torch.stack(list(sums.values())) / cfg.train.grad_accum_steps)
-    load_LE = _global_mean(torch.stack(loads).mean(0))
     elapsed = time.perf_counter() - start
     record = dict(zip(sums.keys(), means.tolist()))
+    lm_value = record.pop("lm")
+    aux, z = observe.split_losses(record)
     return {
-        "loss": record["lm"] + record["aux_loss"] + record["z_loss"],
-        "lm_loss": record["lm"], "aux_loss": record["aux_loss"], "z_loss": record["z_loss"],
+        "loss": lm_value + aux + z, "lm_loss": lm_value, "aux_loss": aux, "z_loss": z, "router_losses": record,
         "lr": engine.get_lr()[0], "tokens_per_s": tokens * dist.get_world_size() / elapsed,
-        "dropped_fraction": record["dropped"], "expert_load": load_LE.tolist(),
+        **routing_stats.summary(_global_sum),
     }
-
-
-def _router_losses(routings: List[RouterOutput]):
-    zero = torch.zeros((), device=routings[0].logits_TE.device) if routings else torch.zeros(())
-    aux = sum((r.losses["aux_loss"] for r in routings if "aux_loss" in r.losses), zero)
-    z = sum((r.losses["z_loss"] for r in routings if "z_loss" in r.losses), zero)
-    return aux, z
-
-
-def _dropped(routings: List[RouterOutput]) -> torch.Tensor:
-    return torch.stack([r.stats["dropped_fraction"] for r in routings]).mean() if routings else torch.zeros(())
 
 
 def _accumulate(sums: Dict[str, torch.Tensor], **values: torch.Tensor) -> None:
@@ -133,9 +124,13 @@ def _to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor
 
 
 def _global_mean(t: torch.Tensor) -> torch.Tensor:
+    return _global_sum(t) / dist.get_world_size()
+
+
+def _global_sum(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().clone()
     dist.all_reduce(t)
-    return t / dist.get_world_size()
+    return t
 
 
 @torch.no_grad()

@@ -17,12 +17,15 @@ def _inputs(rank, T=24, D=16):
 
 
 def _compare(rank, world, top_k, capacity_factor):
+    from moe_sys.moe.capacity import Capacity
     from moe_sys.moe.layer import MoELayer
+    from moe_sys.moe.routing import RouterSpec
     from moe_sys.parallel.experts import shard_and_mark_experts
     from moe_sys.parallel.groups import create_expert_groups
 
     torch.manual_seed(0)
-    full = MoELayer(16, 32, num_experts=8, top_k=top_k, capacity_factor=capacity_factor, min_capacity=1)
+    full = MoELayer(16, 32, num_experts=8, top_k=top_k,
+                    spec=RouterSpec(capacity=Capacity(factor=capacity_factor, min_capacity=1)))
     ep = copy.deepcopy(full)
     groups = create_expert_groups(world)
     shard_and_mark_experts(ep, groups)
@@ -42,11 +45,11 @@ def _compare(rank, world, top_k, capacity_factor):
         (yr * gr).sum().backward()
         if r == rank:
             ref_y, ref_xgrad = yr.detach(), xr.grad
-    router_grad = ep.router.weight.grad.clone()
+    router_grad = ep.router.gate.weight.grad.clone()
     dist.all_reduce(router_grad)  # the router is replicated: its gradient sums over ranks
     local = slice(rank * 8 // world, (rank + 1) * 8 // world)
     errs = {"y": _rel(y.detach(), ref_y), "x_grad": _rel(x.grad, ref_xgrad),
-            "router_grad": _rel(router_grad, full.router.weight.grad)}
+            "router_grad": _rel(router_grad, full.router.gate.weight.grad)}
     for name, p in ep.experts.named_parameters():
         errs[name] = _rel(p.grad, getattr(full.experts, name).grad[local])
     return errs, dropped

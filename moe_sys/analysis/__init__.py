@@ -1,0 +1,1 @@
+"""Offline analysis of runs: plots (moe-sys plot) and the routing study."""
