@@ -13,13 +13,16 @@ in checkpoints (DeepSpeed: in mp_rank_00_model_states.pt) and survives a bf16 mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from moe_sys.moe import losses
+
+if TYPE_CHECKING:  # routing.py imports this module
+    from moe_sys.moe.routing import Rows
 
 
 @dataclass(frozen=True)
@@ -32,14 +35,14 @@ class BalanceSpec:
 
 @dataclass(frozen=True)
 class LossInputs:
-    """What the loss registry's functions read (rows from moe_sys.moe.routing.Rows)."""
+    """What the loss registry's functions read."""
 
     logits_NE: torch.Tensor
     probs_NE: torch.Tensor
     chosen_NK: torch.Tensor  # before capacity; -1 for padding rows
     counts_E: torch.Tensor  # this micro-batch's counts of chosen_NK
     global_counts_E: Optional[torch.Tensor]
-    rows: object
+    rows: "Rows"
     num_tasks: int
 
 
@@ -52,7 +55,7 @@ LOSSES: Dict[str, Callable[[LossInputs], torch.Tensor]] = {
 }
 
 
-def _tasks(rows) -> torch.Tensor:
+def _tasks(rows: "Rows") -> torch.Tensor:
     if rows.task_N is None:
         raise ValueError("the 'mi' balancing loss needs the batch's domain ids (RoutingContext.domain_B)")
     return rows.task_N
@@ -78,7 +81,8 @@ class Balancer(nn.Module):
         self.global_sum_E: Optional[torch.Tensor] = None
         self.micro_batches = 0
 
-    def losses(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor, chosen_NK: torch.Tensor, rows) -> Dict[str, torch.Tensor]:
+    def losses(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor, chosen_NK: torch.Tensor,
+               rows: "Rows") -> Dict[str, torch.Tensor]:
         """name -> coef * loss for this micro-batch (call in training only: 'global' accumulates)."""
         counts_E = losses.expert_counts(chosen_NK, self.num_experts, rows.valid_N)
         global_E = self._global_counts(counts_E) if self.uses_global else None
@@ -95,7 +99,7 @@ class Balancer(nn.Module):
         self.micro_batches += 1
         return self.global_sum_E / self.micro_batches
 
-    def observe(self, chosen_NK: torch.Tensor, rows) -> None:
+    def observe(self, chosen_NK: torch.Tensor, rows: "Rows") -> None:
         """Count the tokens that chose each expert, for the bias update (training forwards only, so
         evaluation does not move the bias)."""
         if self.bias_E is not None and self.training and torch.is_grad_enabled():

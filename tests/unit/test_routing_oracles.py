@@ -2,6 +2,8 @@
 differs on purpose the difference is pinned here (and explained in docs/routing.md)."""
 import pytest
 import torch
+from deepspeed.moe import sharded_moe
+from megatron.core.transformer.moe import moe_utils
 
 from moe_sys import ops
 from moe_sys.moe import losses
@@ -11,9 +13,6 @@ from moe_sys.moe.gate import Noise
 from moe_sys.moe.router_topk import route_rows
 from moe_sys.moe.routing import RouterSpec, RoutingContext, token_rows
 from moe_sys.moe.scoring import Selection
-
-sharded_moe = pytest.importorskip("deepspeed.moe.sharded_moe")
-moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
 
 T, E = 48, 8
 
