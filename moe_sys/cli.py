@@ -37,7 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--slurm", action="store_true", help="submit the unfinished points as a SLURM job array")
     mode.add_argument("--report-only", action="store_true", help="only write the results of the runs so far")
+    _merge_args(sub.add_parser("merge", help="merge models or adapters (average, task arithmetic, TIES, DARE), "
+                                             "or upcycle a dense model into an MoE one"))
     return parser
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("method", help="average | task_arithmetic | ties | dare_linear | dare_ties | upcycle")
+    p.add_argument("inputs", nargs="*", help="models (run dirs, DeepSpeed checkpoints, .safetensors) or adapter dirs")
+    p.add_argument("--out", required=True, help="output .safetensors (models) or directory (adapters)")
+    p.add_argument("--base", help="theta_0 of the task vectors (models); the dense model to upcycle")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per input (default 1 each)")
+    p.add_argument("--lam", type=float, default=1.0, help="lambda: scale of the merged task vector")
+    p.add_argument("--density", type=float, default=0.2, help="share of each task vector TIES/DARE keep")
+    p.add_argument("--seed", type=int, default=0, help="DARE drop masks; upcycling noise and routers")
+    p.add_argument("--rank", type=int, help="rank of merged LoRA adapters (default: sum of the inputs' ranks)")
+    p.add_argument("--config", help="upcycle: config of the MoE model to build")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="upcycle: override a config value (repeatable)")
+    p.add_argument("--noise-std", type=float, default=0.01, help="upcycle: expert noise, times each weight's std")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -126,6 +144,19 @@ def _sweep(args) -> int:
         return 2
 
 
+def _merge(args) -> int:
+    from moe_sys.adapters import merge
+
+    cfg = load_config(args.config, args.overrides) if args.method == "upcycle" else None
+    opts = merge.MergeOptions(args.method, args.weights, args.lam, args.density, args.seed)
+    try:
+        print(merge.run(args.method, args.inputs, args.out, opts, args.base, args.rank, cfg, args.noise_std))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _plot(args) -> int:
     from moe_sys.analysis.plot import plot_run
 
@@ -138,7 +169,8 @@ def _plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot, "sweep": _sweep}
+COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot, "sweep": _sweep,
+            "merge": _merge}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,13 +8,11 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from moe_sys.config.adapters import AdaptersConfig
 from moe_sys.config.routing_rules import routing_problems
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from moe_sys.config.section import Section
 
 
 class ModelConfig(Section):
@@ -77,6 +75,7 @@ class BalanceConfig(Section):
 
 
 class MoEConfig(Section):
+    enabled: bool = Field(True, description="false = a dense model: every FFN is dense, the other moe keys are unused")
     num_experts: int = Field(8, gt=0, description="routed experts per MoE layer (E)")
     top_k: int = Field(2, gt=0, description="experts per token (K)")
     every: int = Field(1, gt=0, description="an MoE block replaces the FFN in every `every`-th layer")
@@ -129,6 +128,8 @@ class TrainConfig(Section):
     eval_batches: int = Field(4, gt=0)
     seed: int = 42
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    init_from: Optional[str] = Field(None, description="start from these model weights (run dir, DeepSpeed checkpoint "
+                                     "dir or .safetensors file); optimizer, schedule and step start fresh")
 
 
 class ParallelConfig(Section):
@@ -164,6 +165,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ops: OpsConfig = Field(default_factory=OpsConfig)
+    adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
     deepspeed: Dict[str, Any] = Field(default_factory=dict, description="merged over the generated DeepSpeed config")
 
     def check(self, world_size: Optional[int] = None) -> List[str]:
@@ -188,6 +190,7 @@ class Config(Section):
             if d.path is not None and not (os.path.exists(d.path + ".bin") and os.path.exists(d.path + ".idx")):
                 problems.append(f"data.domains.{i}.path: no indexed dataset at {d.path!r} (.bin/.idx); "
                                 "build one with `moe-sys prepare-data`")
+        problems += self.adapters.problems(p.ep_size, names)
         world = world_size or p.procs
         if world % p.ep_size:
             problems.append(f"parallel.ep_size: world size {world} is not divisible by ep_size={p.ep_size}")

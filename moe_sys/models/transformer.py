@@ -4,8 +4,10 @@ Legend: B batch, S sequence, D model dim, H heads, V vocab.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,11 +47,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x_BSD, cos, sin):
+    def forward(self, x_BSD, cos, sin, prefix_kv: Optional[Tuple[torch.Tensor, ...]] = None):
+        """prefix_kv: (k_BHPd, v_BHPd, visible_BP), P extra key/value positions before the sequence that
+        every query may attend to where visible (prefix tuning); they carry no rotary position."""
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if prefix_kv is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k_p, v_p, visible_BP = prefix_kv
+            causal_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).tril()
+            mask_B1SK = torch.cat([visible_BP[:, None, None, :].expand(B, 1, S, -1), causal_SS.expand(B, 1, S, S)], -1)
+            out = F.scaled_dot_product_attention(q, torch.cat([k_p, k], 2), torch.cat([v_p, v], 2), attn_mask=mask_B1SK)
         return self.proj(out.transpose(1, 2).reshape(B, S, D))
 
 
@@ -64,6 +74,31 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+def returns_routing(ffn: nn.Module) -> bool:
+    """Does this FFN slot take the routing context and return (y, RouterOutput)? MoE blocks do, and so
+    do adapter layers that route (or wrap a module that does); they say so with ``returns_routing``."""
+    return getattr(ffn, "returns_routing", isinstance(ffn, MoELayer))
+
+
+_BATCH: ContextVar[Optional[RoutingContext]] = ContextVar("batch_routing_context", default=None)
+
+
+@contextmanager
+def batch_scope(ctx: RoutingContext):
+    """Make the batch's routing context readable by sublayers it is not passed to (``current_batch``)."""
+    token = _BATCH.set(ctx)
+    try:
+        yield
+    finally:
+        _BATCH.reset(token)
+
+
+def current_batch() -> Optional[RoutingContext]:
+    """The routing context of the forward pass in progress (None outside one). Adapters inside
+    attention or an FFN read the batch's domain ids here to pick each example's adapter."""
+    return _BATCH.get()
+
+
 class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, eps: float):
         super().__init__()
@@ -72,7 +107,7 @@ class Block(nn.Module):
 
     def forward(self, x_BSD, cos, sin, ctx: RoutingContext):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
-        if isinstance(self.ffn, MoELayer):
+        if returns_routing(self.ffn):
             h, routing = self.ffn(self.ffn_norm(x_BSD), ctx)
             return x_BSD + h, routing
         return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None
@@ -104,7 +139,7 @@ class TransformerLM(nn.Module):
 
     @staticmethod
     def _ffn(i: int, cfg, moe_cfg, num_domains: int) -> nn.Module:
-        is_moe = i >= moe_cfg.first_moe_layer and (i - moe_cfg.first_moe_layer) % moe_cfg.every == 0
+        is_moe = moe_cfg.enabled and i >= moe_cfg.first_moe_layer and (i - moe_cfg.first_moe_layer) % moe_cfg.every == 0
         if not is_moe:
             return SwiGLU(cfg.d_model, cfg.d_ff)
         return build_moe_layer(cfg.d_model, cfg.d_ff, moe_cfg, cfg.init_std, num_domains)
@@ -123,15 +158,21 @@ class TransformerLM(nn.Module):
         x = self.embed(tokens_BS)
         ctx = RoutingContext(tuple(tokens_BS.shape), domain_B, mask_BS)
         routings = []
-        for layer in self.layers:
-            x, routing = layer(x, self.rope_cos, self.rope_sin, ctx)
-            if routing is not None:
-                routings.append(routing)
+        with batch_scope(ctx):
+            for layer in self.layers:
+                x, routing = layer(x, self.rope_cos, self.rope_sin, ctx)
+                if routing is not None:
+                    routings.append(routing)
         return LMOutput(self.head(self.norm(x)), routings)
+
+
+def token_losses(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy at every position, [B, S] (fp32)."""
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), reduction="none").view_as(labels_BS)
 
 
 def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, loss_mask_BS: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over unmasked positions (fp32)."""
-    ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), reduction="none")
+    ce = token_losses(logits_BSV, labels_BS).flatten()
     mask = loss_mask_BS.flatten().float()
     return (ce * mask).sum() / mask.sum().clamp_min(1.0)

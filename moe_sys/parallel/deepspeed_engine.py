@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from moe_sys.config import deep_merge
-from moe_sys.moe.layer import MoELayer
+from moe_sys.parallel.experts import is_expert_parallel
 from moe_sys.parallel.groups import ExpertGroups
 
 DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
@@ -45,11 +45,12 @@ def build_ds_config(cfg, world_size: int) -> Dict[str, Any]:
 
 
 def register_moe_layers(model: nn.Module, groups: ExpertGroups) -> None:
-    """Make each MoELayer an instance of DeepSpeed's MoE and give it DeepSpeed's checkpoint view."""
+    """Make each expert-parallel layer (MoE block, adapter mixture) an instance of DeepSpeed's MoE and give
+    it DeepSpeed's checkpoint view."""
     from deepspeed.moe.layer import MoE
 
     for layer in model.modules():
-        if isinstance(layer, MoELayer) and not isinstance(layer, MoE):
+        if is_expert_parallel(layer) and not isinstance(layer, MoE):
             # The engine asks each MoE to create its groups; ours were created and passed in already.
             skip_group_setup = {"set_deepspeed_parallelism": lambda self, *args, **kwargs: None}
             layer.__class__ = type(f"DeepSpeed{type(layer).__name__}", (type(layer), MoE), skip_group_setup)
@@ -66,6 +67,16 @@ def _experts_to_per_expert_keys(module, state_dict, prefix, local_metadata):
         param = name[len(prefix + "experts."):]
         for e, weight in enumerate(stacked.unbind(0)):
             state_dict[f"{prefix}{DS_EXPERT_PREFIX}{e}.{param}"] = weight
+    return state_dict
+
+
+def stack_expert_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A whole model's state as DeepSpeed files hold it (per-expert keys) -> stacked [E, ...] bank keys,
+    the single-device model's own layout (for reading checkpoints without an engine)."""
+    marker = "." + DS_EXPERT_PREFIX
+    prefixes = {key[:key.index(marker) + 1] for key in state_dict if marker in key}
+    for prefix in prefixes:
+        _per_expert_keys_to_experts(None, state_dict, prefix)
     return state_dict
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
 from moe_sys import ops
 from moe_sys.config import Config, dump_config
-from moe_sys.models.transformer import TransformerLM, lm_loss
+from moe_sys.adapters import io as adapter_io
+from moe_sys.adapters.inject import inject
+from moe_sys.models.transformer import TransformerLM, lm_loss, token_losses
 from moe_sys.moe import balance, observe
 from moe_sys.parallel import deepspeed_engine, launch_env
 from moe_sys.parallel.experts import shard_and_mark_experts
@@ -53,7 +55,7 @@ def train(cfg: Config, resume: bool = False) -> List[Dict]:
         record = train_step(engine, train_feed, cfg)
         record["step"] = step
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            record["val_loss"] = evaluate(engine, valid_batches())
+            record["val_loss"], record["val_loss_domain"] = evaluate(engine, valid_batches(), cfg.data.domains)
         progress.update(record)
         history.append(record)
         if writer and (step % cfg.logging.log_every == 0 or "val_loss" in record or step == start + 1):
@@ -66,6 +68,8 @@ def train(cfg: Config, resume: bool = False) -> List[Dict]:
                 signals.after_stop(stop_signal, step, more_steps=step < last)
             break
     stop.restore()
+    if cfg.adapters.save and _has_adapters(cfg):  # every rank: sharded adapter experts are gathered
+        adapter_io.save_adapters(engine.module, os.path.join(cfg.logging.run_dir, "adapters"))
     progress.close()
     if writer:
         writer.close()
@@ -73,16 +77,25 @@ def train(cfg: Config, resume: bool = False) -> List[Dict]:
 
 
 def _build_engine(cfg: Config, world: int):
-    """Single-device model -> shard and mark experts -> DeepSpeed engine, once, in this order."""
+    """Single-device model (+ its starting weights) -> shard and mark experts -> adapters -> DeepSpeed
+    engine, once, in this order."""
     model = TransformerLM(cfg.model, cfg.moe, num_domains=len(cfg.data.domains))
+    if cfg.train.init_from:
+        adapter_io.load_model_weights(model, cfg.train.init_from)
     groups = create_expert_groups(cfg.parallel.ep_size)
     shard_and_mark_experts(model, groups)
+    if _has_adapters(cfg):
+        inject(model, cfg.adapters, [d.name for d in cfg.data.domains], groups)
     balance.set_group(model, dist.group.WORLD)  # routers are replicated: every rank is a data-parallel rank
     deepspeed_engine.register_moe_layers(model, groups)
     from moe_sys.train.optim import build_optimizer
 
     engine, _ = deepspeed_engine.initialize(model, build_optimizer(model, cfg.train), cfg, world)
     return engine
+
+
+def _has_adapters(cfg: Config) -> bool:
+    return bool(cfg.adapters.modules or cfg.adapters.load_from)
 
 
 def train_step(engine, feed, cfg: Config) -> Dict:
@@ -99,7 +112,8 @@ def train_step(engine, feed, cfg: Config) -> Dict:
         engine.backward(lm + sum(route_losses.values(), torch.zeros_like(lm)))
         engine.step()
         _accumulate(sums, lm=lm, **route_losses)
-        routing_stats.add(out.routings, batch["domain_ids"])
+        if out.routings:  # a dense model with non-routing adapters has none
+            routing_stats.add(out.routings, batch["domain_ids"])
         tokens += batch["tokens"].numel()
     balance.step(engine.module)  # once per optimizer step: aux-loss-free bias, global-batch counts
     means = _global_mean(torch.stack(list(sums.values())) / cfg.train.grad_accum_steps)
@@ -109,8 +123,8 @@ def train_step(engine, feed, cfg: Config) -> Dict:
     aux, z = observe.split_losses(record)
     return {
         "loss": lm_value + aux + z, "lm_loss": lm_value, "aux_loss": aux, "z_loss": z, "router_losses": record,
-        "lr": engine.get_lr()[0], "tokens_per_s": tokens * dist.get_world_size() / elapsed,
-        **routing_stats.summary(_global_sum),
+        "lr": engine.get_lr()[0], "tokens_per_s": tokens * dist.get_world_size() / elapsed, "step_time_s": elapsed,
+        **(routing_stats.summary(_global_sum) if routing_stats.sums else {}),
     }
 
 
@@ -134,17 +148,25 @@ def _global_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, batches) -> float:
-    """Mean held-out LM loss over one pass of the validation batches (the same ones every time)."""
+def evaluate(engine, batches, domains) -> Tuple[float, Dict[str, float]]:
+    """Mean held-out LM loss over one pass of the validation batches (the same ones every time), and
+    each domain's token-weighted loss (NaN for a domain with no validation tokens)."""
     engine.eval()
-    total, count = torch.zeros((), device=engine.device), 0
+    total, count = torch.zeros(1, device=engine.device), 0
+    sums_A, tokens_A = torch.zeros(len(domains), device=engine.device), torch.zeros(len(domains), device=engine.device)
     for batch in batches:
         batch = _to_device(batch, engine.device)
         out = engine(batch["tokens"], batch["domain_ids"])
-        total += lm_loss(out.logits_BSV, batch["labels"], batch["loss_mask"]).float()
+        ce_BS = token_losses(out.logits_BSV, batch["labels"]) * batch["loss_mask"]
+        total += ce_BS.sum() / batch["loss_mask"].sum().clamp_min(1.0)
+        sums_A.index_add_(0, batch["domain_ids"], ce_BS.sum(1))
+        tokens_A.index_add_(0, batch["domain_ids"], batch["loss_mask"].sum(1))
         count += 1
     engine.train()
-    return float(_global_mean(total / max(count, 1)))
+    total, sums_A, tokens_A = _global_sum(torch.cat([total / max(count, 1), sums_A, tokens_A])).split(
+        [1, len(domains), len(domains)])
+    per_domain = (sums_A / tokens_A).tolist()
+    return float(total) / dist.get_world_size(), {d.name: loss for d, loss in zip(domains, per_domain)}
 
 
 def _checkpoint_due(cfg: Config, step: int, last: int) -> bool:
