@@ -28,15 +28,16 @@ def summarize(run_dir: str) -> Dict[str, Optional[float]]:
     tail = records[-5:]
     val = [r["val_loss"] for r in records if "val_loss" in r]
     speed = [r["tokens_per_s"] for r in records[1:]] or [r["tokens_per_s"] for r in records]
-    loads = [_imbalance(r["expert_load"]) for r in tail if r.get("expert_load")]
+    loads = [x for x in (_imbalance(r.get("expert_load") or []) for r in tail) if x is not None]
     return {"val_loss": val[-1] if val else None,
             "loss": statistics.fmean(r["loss"] for r in tail) if tail else None,
             "tokens_per_s": statistics.median(speed) if speed else None,
             "load_imbalance": statistics.fmean(loads) if loads else None}
 
 
-def _imbalance(load_LE: List[List[float]]) -> float:
-    return statistics.fmean(max(layer) / statistics.fmean(layer) - 1 for layer in load_LE if sum(layer) > 0)
+def _imbalance(load_LE: List[List[float]]) -> Optional[float]:
+    per_layer = [max(layer) / statistics.fmean(layer) - 1 for layer in load_LE if sum(layer) > 0]
+    return statistics.fmean(per_layer) if per_layer else None
 
 
 def write_report(sweep: Sweep, states: List[PointState]) -> None:
@@ -98,6 +99,7 @@ def _plot(sweep: Sweep, plot: PlotSpec, states: List[PointState], rows: List[Dic
 
 
 def _draw(series: Dict[str, List[tuple]], plot: PlotSpec, path: str) -> None:
+    """Lines over a numeric key (experts, EP size); grouped bars over a categorical one (router type)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on cluster nodes
@@ -105,16 +107,7 @@ def _draw(series: Dict[str, List[tuple]], plot: PlotSpec, path: str) -> None:
 
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for pts in series.values() for x, _ in pts)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, pts in series.items():
-        pts = sorted(pts, key=lambda xy: xy[0]) if numeric else pts
-        xs, ys = [xy[0] if numeric else str(xy[0]) for xy in pts], [xy[1] for xy in pts]
-        ax.plot(xs, ys, marker="o", linestyle="-" if numeric and len(pts) > 1 else "none", label=label)
-    if numeric:  # ticks at the values that were run (on a log scale when they span a wide range)
-        ticks = sorted({x for pts in series.values() for x, _ in pts})
-        if ticks[0] > 0 and ticks[-1] / ticks[0] >= 8:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.minorticks_off()
+    (_lines if numeric else _bars)(ax, series)
     ax.set_xlabel(plot.x)
     ax.set_ylabel(plot.y)
     ax.set_title(f"{plot.y} vs {plot.x.rsplit('.', 1)[-1]}")
@@ -123,6 +116,27 @@ def _draw(series: Dict[str, List[tuple]], plot: PlotSpec, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _lines(ax, series: Dict[str, List[tuple]]) -> None:
+    for label, pts in series.items():
+        pts = sorted(pts)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+    # Ticks at the values that were run, on a log scale when they span a wide range.
+    ticks = sorted({x for pts in series.values() for x, _ in pts})
+    if ticks[0] > 0 and ticks[-1] / ticks[0] >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+
+
+def _bars(ax, series: Dict[str, List[tuple]]) -> None:
+    categories = list(dict.fromkeys(str(x) for pts in series.values() for x, _ in pts))
+    width = 0.8 / len(series)
+    for i, (label, pts) in enumerate(series.items()):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([categories.index(str(x)) + offset for x, _ in pts], [y for _, y in pts], width, label=label)
+    ax.set_xticks(range(len(categories)), categories)
 
 
 def _lookup(tree: Dict[str, Any], key: str) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +58,8 @@ def train_command(config_path: str) -> List[str]:
 
 def submit_slurm(sweep: Sweep) -> int:
     """One array task per unfinished valid point, and a job that writes the report after them all."""
+    if not os.path.exists(ARRAY_SCRIPT):
+        raise RuntimeError(f"{ARRAY_SCRIPT} is missing: --slurm runs from a source checkout (launch/ is not installed)")
     states = pts.plan(sweep)
     todo = [p for p in states if p.state != pts.FINISHED and p.cfg is not None]
     for p in states:
@@ -94,6 +97,8 @@ def _tasks(sweep: Sweep, todo: List[pts.PointState]) -> List[str]:
 
 def _sbatch(args: List[str]) -> str:
     """sbatch with this Python's bin directory first on PATH, so the jobs run this moe-sys."""
+    if shutil.which("sbatch") is None:
+        raise RuntimeError("no sbatch here: --slurm submits from a SLURM login node")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     out = subprocess.run(["sbatch", "--parsable", *args], env=env, capture_output=True, text=True)
     if out.returncode != 0:

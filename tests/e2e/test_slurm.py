@@ -91,7 +91,8 @@ SchedulerParameters=sched_interval=1,bf_interval=1
 # CPUs below are what the jobs may use, even where the machine has fewer
 SlurmdParameters=config_overrides
 ReturnToService=2
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+# The node is "localhost" (slurmd -N): jobs use its name as their rendezvous address
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -119,7 +120,7 @@ class Cluster:
             f.write(SLURM_CONF.format(host=socket.gethostname().split(".")[0], port=_free_port(), dport=_free_port(),
                                       dir=d, cpus=max(2, os.cpu_count() or 1), first_job=random.randrange(1, 10**6)))
         self._daemon(["slurmctld", "-D", "-f", self.conf])
-        self._daemon(["slurmd", "-D", "-f", self.conf])
+        self._daemon(["slurmd", "-D", "-N", "localhost", "-f", self.conf])
         self._until(lambda: self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip() == "idle",
                     "the SLURM node never became idle")
 

@@ -105,13 +105,14 @@ def test_changed_config_runs_again(tmp_path, monkeypatch):
 
 
 def test_report_tables_and_plots(tmp_path, monkeypatch):
-    sweep = _spec(tmp_path, {"moe.num_experts": [4, 8, 32], "parallel.ep_size": [1, 2]}, set={"train.steps": 2})
+    grid = {"moe.num_experts": [4, 8, 32], "parallel.ep_size": [1, 2], "moe.router.type": ["topk", "expert_choice"]}
+    sweep = _spec(tmp_path, grid, set={"train.steps": 2, "moe.router.allow_noncausal": True})
     _fake_train(monkeypatch)
     assert run.run_local(sweep) == 0
     out = tmp_path / "out"
     table = (out / "results.md").read_text()
-    assert table.count("| finished |") == 6 and "![val_loss_vs_num_experts.png]" in table
-    for png in ("val_loss_vs_num_experts.png", "tokens_per_s_vs_ep_size.png"):
+    assert table.count("| finished |") == 12 and "![val_loss_vs_num_experts.png]" in table
+    for png in ("val_loss_vs_num_experts.png", "tokens_per_s_vs_ep_size.png", "load_imbalance_vs_type.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     assert report(sweep) == 0
 
