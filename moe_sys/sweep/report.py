@@ -112,9 +112,8 @@ def _draw(series: Dict[str, List[tuple]], plot: PlotSpec, path: str) -> None:
     ax.set_ylabel(plot.y)
     ax.set_title(f"{plot.y} vs {plot.x.rsplit('.', 1)[-1]}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes, off the data
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -86,7 +86,7 @@ def load_sweep(path: str) -> Sweep:
         if not values:
             raise ConfigError(f"{path}: grid.{key}: needs at least one value")
     stem = os.path.splitext(os.path.basename(path))[0]
-    return Sweep(spec=spec, spec_path=path, base_path=os.path.join(os.path.dirname(path), spec.base),
+    return Sweep(spec=spec, spec_path=path, base_path=os.path.normpath(os.path.join(os.path.dirname(path), spec.base)),
                  out_dir=spec.out_dir or os.path.join("runs", "sweeps", stem), points=expand(spec.grid))
 
 
