@@ -42,7 +42,7 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
             tensor = param.detach()
             if _sharded(layer, param):
                 full = tensor.new_empty((tensor.shape[0] * dist.get_world_size(layer.ep_group), *tensor.shape[1:]))
-                dist.all_gather_into_tensor(full, tensor.contiguous(), group=layer.ep_group)
+                dist.all_gather_single(full, tensor.contiguous(), group=layer.ep_group)
                 tensor = full
             state[f"{path}.{name}"] = tensor.cpu().contiguous()
     return state

@@ -126,7 +126,7 @@ class _AllGather(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        dist.all_gather_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -142,7 +142,7 @@ class _ReduceScatter(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
-        dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+        dist.reduce_scatter_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
