@@ -120,7 +120,7 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, gt=0)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(20, ge=1, description="linear warm-up steps (DeepSpeed's WarmupCosineLR needs at least 1)")
     weight_decay: float = Field(0.1, ge=0)
     betas: List[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
