@@ -17,8 +17,9 @@
 namespace moe_sys {
 namespace {
 
-// Below this many slots per thread the histogram pass costs less than waking another thread.
-constexpr int64_t kMinSlotsPerChunk = 16384;
+// Below this many slots per thread the histogram pass costs less than waking another thread (a fork/join
+// that a busy machine can stretch to a scheduler tick).
+constexpr int64_t kMinSlotsPerChunk = int64_t(1) << 16;
 
 // Calls fn(t, k) for slots s in [s0, s1) of the slot-major order, without a division per slot.
 template <typename Fn>

@@ -81,13 +81,13 @@ def describe() -> str:
     else:
         lines.append(f"compiled extension: {status.library}")
     for device in ("cpu", "cuda"):
-        lines.append(f"  {device}: {_choice(device, status.why_not(device))}")
+        lines.append(f"  {device}: {_choice(status.why_not(device))}")
     lines.append(f"grouped_mm: cpu -> {grouped_mm_backend(torch.device('cpu'), torch.bfloat16, 8, 8)}; "
                  f"cuda -> {_cuda_grouped_mm_summary()}")
     return "\n".join(lines)
 
 
-def _choice(device: str, why_not) -> str:
+def _choice(why_not) -> str:
     if _impl == "reference":
         return "reference (ops.impl=reference)"
     if why_not is None:

@@ -3,11 +3,11 @@
 Why JIT rather than a setup.py extension: the package stays a pure-Python install (no compiler needed
 to ``pip install``), and each machine compiles for its own torch and GPUs. The build lives under
 ``$TORCH_EXTENSIONS_DIR`` (torch's own knob) or ``~/.cache/moe_sys/torch_extensions``, one folder per
-(python, torch, CUDA) combination; torch's ninja build only recompiles what changed and holds a file
+(python, torch build, CPU vector ISA); torch's ninja build only recompiles what changed and holds a file
 lock, so concurrent ranks wait for one build instead of racing.
 
 If the build is impossible (no compiler, no ninja, a compile error), ``load()`` says why in one log
-line and the callers fall back to the pure-PyTorch reference.
+line and the callers fall back to the pure-PyTorch reference. csrc/README.md describes the layout.
 """
 from __future__ import annotations
 
@@ -53,10 +53,34 @@ def csrc_dir() -> Optional[Path]:
     return None
 
 
+# Vector ISA flags per torch CPU capability: the row loops then vectorise as wide as ATen's own kernels.
+# torch.backends.cpu.get_cpu_capability() honours ATEN_CPU_CAPABILITY, so one knob lowers both.
+_ISA_FLAGS = {
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
+
+
+def cpu_capability() -> str:
+    """The vector ISA the CPU kernels are compiled for (DEFAULT = the compiler's baseline)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "DEFAULT"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability if capability in _ISA_FLAGS else "DEFAULT"
+
+
+def openmp_flags() -> list[str]:
+    """-fopenmp when torch's intra-op backend is OpenMP: at::parallel_for is an inline header there, and
+    compiled without -fopenmp it silently runs on one thread. The extension then resolves libgomp to
+    the copy torch already loaded (same soname), so there is one OpenMP runtime in the process."""
+    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+
+
 def build_dir() -> Path:
-    """Per-(python, torch, CUDA) build folder, so switching environments never mixes objects."""
+    """Per-(python, torch, CPU ISA) build folder: switching environments, or sharing a home directory
+    between machines with different CPUs, never loads objects built for another one."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "moe_sys" / "torch_extensions"
-    variant = f"py{platform.python_version()}_torch{torch.__version__}".replace("+", "_")
+    variant = f"py{platform.python_version()}_torch{torch.__version__}_{cpu_capability().lower()}".replace("+", "_")
     return Path(root) / variant / EXTENSION_NAME
 
 
@@ -89,37 +113,52 @@ def _failure_reason(exc: BaseException) -> str:
 
 @functools.lru_cache(maxsize=None)
 def load() -> BuildStatus:
-    """Compile (first call on a machine) and load the extension; never raises, the status says why."""
+    """Compile (first call on a machine) and load the extension; never raises, the status says why.
+
+    With a CUDA torch the CUDA kernels are built too; if they fail to build, the CPU kernels are
+    built alone so the CPU path still gets them.
+    """
     src = csrc_dir()
     if src is None:
         return _unavailable("csrc/ sources not found next to the package (install from a source checkout)")
     missing = _missing_tool()
     if missing is not None:
         return _unavailable(missing)
+    cpu_sources = [str(src / "moe_ops.cpp")] + sorted(str(p) for p in (src / "cpu").glob("*.cpp"))
     cuda_sources, cuda_note = _cuda_sources(src)
-    sources = [str(src / "moe_ops.cpp")] + sorted(str(p) for p in (src / "cpu").glob("*.cpp")) + cuda_sources
-    directory = build_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    log.info("moe_sys ops: building/loading the extension in %s (the first build takes a minute)", directory)
+    if cuda_sources:
+        try:
+            return _compile(cpu_sources + cuda_sources, ("cpu", "cuda"), "")
+        except Exception as exc:  # keep the CPU kernels even when nvcc or the CUDA headers fail
+            cuda_note = f"the CUDA kernels failed to build: {_failure_reason(exc)}"
+            log.warning("moe_sys ops: %s; building the CPU kernels alone", cuda_note)
     try:
-        from torch.utils import cpp_extension
-
-        library = cpp_extension.load(
-            EXTENSION_NAME,
-            sources,
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3"],
-            build_directory=str(directory),
-            with_cuda=bool(cuda_sources),
-            is_python_module=False,
-        )
+        return _compile(cpu_sources, ("cpu",), cuda_note)
     except Exception as exc:  # a build failure must leave the reference path working
         return _unavailable(_failure_reason(exc))
+
+
+def _compile(sources: list[str], devices: tuple[str, ...], reason: str) -> BuildStatus:
+    from torch.utils import cpp_extension
+
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / f"{EXTENSION_NAME}.so").exists():
+        log.info("moe_sys ops: compiling the extension into %s (first use: about a minute)", directory)
+    library = cpp_extension.load(
+        EXTENSION_NAME,
+        sources,
+        extra_cflags=["-O3", *_ISA_FLAGS.get(cpu_capability(), []), *openmp_flags()],
+        extra_ldflags=openmp_flags(),
+        extra_cuda_cflags=["-O3"],
+        build_directory=str(directory),
+        with_cuda="cuda" in devices,
+        is_python_module=False,
+    )
     from moe_sys.ops import registration
 
     registration.register()
-    devices = ("cpu", "cuda") if cuda_sources else ("cpu",)
-    return BuildStatus(devices=devices, library=str(library), reason=cuda_note)
+    return BuildStatus(devices=devices, library=str(library), reason=reason)
 
 
 def _unavailable(reason: str) -> BuildStatus:

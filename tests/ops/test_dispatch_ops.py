@@ -17,6 +17,7 @@ TOKENS = [0, 1, 7, 33, 257]
 SLOTS = [1, 2, 8]
 LAYOUTS = [None, 2, 9]  # dropless; capacity small enough to drop; capacity that drops little
 DTYPES = [torch.float32, torch.bfloat16]
+ALL_DTYPES = DTYPES + [torch.float16]
 
 
 def _tol(dtype):
@@ -36,18 +37,23 @@ def test_build_index_matches_reference(kernels, device, T, K, capacity):
     assert (counts_E[list(UNUSED)] == 0).all()
 
 
-@pytest.mark.parametrize("capacity", [None, 3000])
-def test_build_index_multi_chunk(kernels, capacity):
-    """Enough slots for one chunk per thread: positions must continue across chunk boundaries."""
-    ids_TK = random_routing(40000, 2, E, unused=UNUSED, seed=7)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("capacity", [None, 20000])
+def test_build_index_multi_chunk(kernels, device, capacity):
+    """Many chunks (one per CPU thread, one per 4096 slots on CUDA): positions must continue across
+    chunk boundaries; permute's inverse map is built in parallel too at this size."""
+    ids_TK = random_routing(150000, 2, E, unused=UNUSED, seed=7, device=device)
+    x_TD = randn(150000, 4, device=device)
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
         dest_row_TK, counts_E = kernels.build_index(ids_TK, E, capacity)
+        want = reference.build_index(ids_TK, E, capacity)
+        x_RD = kernels.permute(x_TD, want.dest_row_TK, want.num_rows)
     finally:
         torch.set_num_threads(threads)
-    want = reference.build_index(ids_TK, E, capacity)
     assert torch.equal(dest_row_TK, want.dest_row_TK) and torch.equal(counts_E, want.counts_E)
+    assert torch.equal(x_RD, reference.permute(x_TD, want.dest_row_TK, want.num_rows))
 
 
 def test_build_index_capacity_priority(kernels):
@@ -70,7 +76,7 @@ def _routing(T, K, capacity, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("capacity", LAYOUTS)
 @pytest.mark.parametrize("K", SLOTS)
 @pytest.mark.parametrize("T", TOKENS)
@@ -85,6 +91,33 @@ def test_permute_unpermute_match_reference(kernels, device, dtype, T, K, capacit
     for weights in (None, w_TK):
         got = kernels.unpermute(y_RD, index.dest_row_TK, weights)
         torch.testing.assert_close(got, reference.unpermute(y_RD, index.dest_row_TK, weights), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("width", [520, 522])  # rows a multiple of 16 bytes (streamed) and not (memcpy)
+@pytest.mark.parametrize("capacity", [None, 400])
+def test_large_outputs_match_reference(kernels, dtype, width, capacity):
+    """Outputs over 4 MiB take the streaming-store path of the CPU kernels."""
+    T, K = 3000, 2
+    index = reference.build_index(random_routing(T, K, E, unused=UNUSED, seed=5), E, capacity)
+    x_TD = randn(T, width, dtype=dtype, seed=1)
+    w_TK = torch.rand(T, K)
+    x_RD = kernels.permute(x_TD, index.dest_row_TK, index.num_rows)
+    assert torch.equal(x_RD, reference.permute(x_TD, index.dest_row_TK, index.num_rows))
+    scaled_RD = kernels.permute(x_TD, index.dest_row_TK, index.num_rows, w_TK)
+    want_RD = reference.permute(x_TD, index.dest_row_TK, index.num_rows)
+    torch.testing.assert_close(scaled_RD, _scale_rows(want_RD, index.dest_row_TK, w_TK), **_tol(dtype))
+    for weights in (None, w_TK):
+        torch.testing.assert_close(kernels.unpermute(x_RD, index.dest_row_TK, weights),
+                                   reference.unpermute(x_RD, index.dest_row_TK, weights), **_tol(dtype))
+
+
+def _scale_rows(x_RD, dest_row_TK, w_TK):
+    """x_RD with the row of each kept slot (t, k) multiplied by w_TK[t, k]."""
+    kept = dest_row_TK >= 0
+    scale_R = torch.ones(x_RD.shape[0])
+    scale_R[dest_row_TK[kept]] = w_TK[kept]
+    return (x_RD.float() * scale_R[:, None]).to(x_RD.dtype)
 
 
 def test_unpermute_accumulates_half_inputs_in_fp32(kernels):

@@ -1,0 +1,1 @@
+"""Benchmarks: python -m bench.dispatch, python -m bench.moe_layer (results land in docs/benchmarks.md)."""
