@@ -88,6 +88,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # Schedule every second (a requeued job otherwise waits for the next 30-60 s cycle)
 SchedulerParameters=sched_interval=1,bf_interval=1
+# A starved machine (a loaded CI box) must not look like a failed node: SLURM would requeue the job
+MessageTimeout=60
+SlurmdTimeout=3600
 # CPUs below are what the jobs may use, even where the machine has fewer
 SlurmdParameters=config_overrides
 ReturnToService=2
@@ -145,6 +148,23 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 daemon.wait()
+        self._kill_steps()
+
+    def _kill_steps(self):
+        """slurmstepd outlives slurmd by design; end those of this cluster's jobs (and their tasks), found
+        by the sockets they keep in this cluster's spool dir."""
+        import psutil  # a DeepSpeed dependency
+
+        spool = os.path.join(self.dir, "spool")
+        jobs = {name.split("_", 1)[1].split(".")[0] for name in os.listdir(spool) if name.startswith("localhost_")}
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if cmdline.startswith("slurmstepd: [") and cmdline[len("slurmstepd: ["):].split(".")[0] in jobs:
+                for p in [*proc.children(recursive=True), proc]:
+                    try:
+                        p.kill()
+                    except psutil.NoSuchProcess:
+                        pass
 
     def run(self, *cmd, check=True):
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check, cwd=REPO)
@@ -157,7 +177,7 @@ class Cluster:
         out = self.run("scontrol", "show", "job", job_id, check=False).stdout
         return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
-    def wait(self, job_id, timeout=300):
+    def wait(self, job_id, timeout=600):
         deadline = time.time() + timeout
         while self.job(job_id).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
             if time.time() > deadline:
