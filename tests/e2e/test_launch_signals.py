@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from moe_sys.train import checkpoint, signals
-from tests.distributed.spawn import run_ranks
 from tests.e2e.conftest import REPO, TINY, read_metrics
 
 
@@ -60,7 +60,27 @@ def test_save_killed_halfway_keeps_the_previous_checkpoint(one_rank, tmp_path):
         "mp_rank_00_model_states.pt", "rng_rank00000.pt", "zero_pp_rank_0_optim_states.pt"]
 
 
-def _signal_on_rank_1_then_save(rank, world, run):
+def _rank_entry(rank, store, fn, args, queue):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    queue.put((rank, fn(rank, *args)))
+    dist.destroy_process_group()
+
+
+def _on_two_ranks(fn, store, *args):
+    """fn(rank, *args) on 2 spawned gloo ranks (lighter than tests/distributed/spawn.py: no DeepSpeed)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_entry, args=(rank, store, fn, args, queue)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)  # a rank that died raises queue.Empty here
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    return [results[0], results[1]]
+
+
+def _signal_on_rank_1_then_save(rank, run):
     stop = signals.StopSignals()
     try:
         first = stop.agreed(torch.device("cpu"))
@@ -78,7 +98,7 @@ def _signal_on_rank_1_then_save(rank, world, run):
 
 def test_ranks_agree_on_a_signal_one_received_and_both_write(tmp_path):
     run = str(tmp_path / "run")
-    results = run_ranks(_signal_on_rank_1_then_save, 2, run)
+    results = _on_two_ranks(_signal_on_rank_1_then_save, str(tmp_path / "store"), run)
     assert results == [(None, signal.SIGUSR1, signal.SIGTERM, True)] * 2
     tag = tmp_path / "run" / "checkpoints" / "step_00000003"
     assert sorted(os.listdir(tag)) == sorted(
