@@ -11,11 +11,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
 from moe_sys.moe.balance import Balancer
-from moe_sys.moe.gate import Gate
-from moe_sys.moe.router_topk import route_rows
+from moe_sys.moe.router_topk import GatedRouter, route_rows
 from moe_sys.moe.routing import (RouterOutput, RouterSpec, RoutingContext, Rows, example_rows, register_router,
                                  route_stats)
 
@@ -48,14 +46,7 @@ def to_tokens(weights_BK, expert_ids_BK, logits_BE, probs_BE, rows: Rows, ctx: R
 
 
 @register_router("example")
-class ExampleRouter(nn.Module):
-    def __init__(self, d_model: int, num_experts: int, top_k: int, spec: RouterSpec = RouterSpec(),
-                 init_std: float = 0.02, num_tasks: int = 1):
-        super().__init__()
-        self.top_k, self.spec = top_k, spec
-        self.gate = Gate(d_model, num_experts, init_std, spec.noise)
-        self.balance = Balancer(num_experts, spec.balance, num_tasks)
-
+class ExampleRouter(GatedRouter):
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         B, S = ctx.batch_shape
         logits_BE = self.gate(masked_mean(x_TD.view(B, S, -1), ctx.mask_BS))

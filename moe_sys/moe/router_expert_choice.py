@@ -13,24 +13,15 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-import torch.nn as nn
 
 from moe_sys.moe import scoring
-from moe_sys.moe.balance import Balancer
 from moe_sys.moe.capacity import capacity
-from moe_sys.moe.gate import Gate
-from moe_sys.moe.routing import RouterOutput, RouterSpec, RoutingContext, register_router, route_stats, token_rows
+from moe_sys.moe.router_topk import GatedRouter
+from moe_sys.moe.routing import RouterOutput, RoutingContext, register_router, route_stats, token_rows
 
 
 @register_router("expert_choice")
-class ExpertChoiceRouter(nn.Module):
-    def __init__(self, d_model: int, num_experts: int, top_k: int, spec: RouterSpec = RouterSpec(),
-                 init_std: float = 0.02, num_tasks: int = 1):
-        super().__init__()
-        self.top_k, self.spec = top_k, spec
-        self.gate = Gate(d_model, num_experts, init_std, spec.noise)
-        self.balance = Balancer(num_experts, spec.balance, num_tasks)
-
+class ExpertChoiceRouter(GatedRouter):
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         rows = token_rows(ctx, x_TD.device)
         logits_TE = self.gate(x_TD)

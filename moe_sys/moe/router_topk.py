@@ -49,10 +49,9 @@ def route_rows(logits_NE: torch.Tensor, rows: Rows, top_k: int, spec: RouterSpec
     return RowRouting(weights_NK, kept_NK, chosen_NK, probs_NE, route_losses)
 
 
-@register_router("topk")
-class TopKRouter(nn.Module):
-    """Token choice with any K: softmax or sigmoid scores, pre/post softmax, group limits, noise,
-    aux-loss-free bias, and capacity with a position / probs / random drop policy."""
+class GatedRouter(nn.Module):
+    """A learned gate over the token/example representation plus the balancing state every
+    gate-based router (token top-k, expert choice, example-level) shares."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, spec: RouterSpec = RouterSpec(),
                  init_std: float = 0.02, num_tasks: int = 1):
@@ -60,6 +59,12 @@ class TopKRouter(nn.Module):
         self.top_k, self.spec = top_k, spec
         self.gate = Gate(d_model, num_experts, init_std, spec.noise)
         self.balance = Balancer(num_experts, spec.balance, num_tasks)
+
+
+@register_router("topk")
+class TopKRouter(GatedRouter):
+    """Token choice with any K: softmax or sigmoid scores, pre/post softmax, group limits, noise,
+    aux-loss-free bias, and capacity with a position / probs / random drop policy."""
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         rows = token_rows(ctx, x_TD.device)
