@@ -22,10 +22,18 @@ else
     knobs=(DS_ACCELERATOR=cpu "OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}")
 fi
 export "${knobs[@]}"
+port=29500  # deepspeed's default rendezvous port
+for ((i = 0; i < ${#ds_args[@]}; i++)); do
+    case "${ds_args[i]}" in
+        --master_port) port=${ds_args[i + 1]} ;;
+        --master_port=*) port=${ds_args[i]#*=} ;;
+    esac
+done
 # deepspeed forwards only some variables (NCCL*, PYTHON*, ...) to other nodes; DS_ENV_FILE adds ours.
 DS_ENV_FILE=$(mktemp)
 export DS_ENV_FILE
-trap 'rm -f "$DS_ENV_FILE"' EXIT
+# DeepSpeed's CPU all-reduce op leaves a 67 MB /dev/shm buffer per rank when all ranks are on this node.
+trap 'rm -f "$DS_ENV_FILE" /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$port"_*' EXIT
 printf '%s\n' "${knobs[@]}" >"$DS_ENV_FILE"
 
 deepspeed "${ds_args[@]}" --no_local_rank --module moe_sys.cli train "$@"

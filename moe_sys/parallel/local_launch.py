@@ -1,6 +1,7 @@
 """Start `moe-sys` on N local ranks through the deepspeed launcher when no launcher started us."""
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import signal
@@ -22,9 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launcher_command(procs: int, cli_args: List[str]) -> List[str]:
+def launcher_command(procs: int, port: int, cli_args: List[str]) -> List[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs),
-            "--master_port", str(free_port()), "--no_local_rank", "--module", "moe_sys.cli", *cli_args]
+            "--master_port", str(port), "--no_local_rank", "--module", "moe_sys.cli", *cli_args]
 
 
 def run_local(procs: int, cli_args: List[str]) -> int:
@@ -38,8 +39,10 @@ def run_local(procs: int, cli_args: List[str]) -> int:
         env.setdefault("DS_ACCELERATOR", "cpu")
         # One compute thread per rank per core keeps ranks from fighting over the same cores.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
-    log.info("no launcher detected: starting %d local ranks with the deepspeed launcher", procs)
-    child = subprocess.Popen(launcher_command(procs, cli_args), env=env)
+    port = free_port()
+    log.info("no launcher detected: starting %d local ranks with the deepspeed launcher (rendezvous 127.0.0.1:%d)",
+             procs, port)
+    child = subprocess.Popen(launcher_command(procs, port, cli_args), env=env)
 
     def forward(signum, frame):
         _signal_ranks(child.pid, signum)
@@ -50,6 +53,18 @@ def run_local(procs: int, cli_args: List[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        remove_shm_buffers("127.0.0.1", port)
+
+
+def remove_shm_buffers(master_addr: str, port: int) -> None:
+    """Delete the /dev/shm buffers DeepSpeed's CPU all-reduce op creates when all ranks share a
+    machine (67 MB per rank, named after the rendezvous address): it never unlinks them, so every
+    CPU run would leave its share of RAM behind."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{port}_*"):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def _signal_ranks(launcher_pid: int, signum: int) -> None:

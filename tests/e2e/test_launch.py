@@ -34,11 +34,12 @@ def _check_trained(proc, run_dir, launcher):
 def test_deepspeed_launcher_with_a_two_slot_hostfile(tmp_path, quick_sets):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    run_dir = tmp_path / "run"
+    run_dir, port = tmp_path / "run", free_port()
     # A hostfile naming only this node: no ssh to check, the master is here.
     cmd = ["bash", "launch/deepspeed.sh", "--hostfile", str(hostfile), "--include", "localhost:0,1", "--no_ssh_check",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--", TINY, *quick_sets, *SHORT, "--set", f"logging.run_dir={run_dir}"]
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "--", TINY, *quick_sets, *SHORT, "--set", f"logging.run_dir={run_dir}"]
     _check_trained(_run(cmd, tmp_path), run_dir, "deepspeed")
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")  # DeepSpeed leaves them; the script not
 
 
 def test_mpirun_two_ranks(tmp_path, quick_sets):

@@ -4,6 +4,7 @@ leaves `latest` on the previous complete one, SIGUSR1 under SLURM requeues the j
 
 DeepSpeed's engine is replaced by one that writes a file per rank (or dies halfway); the atomicity
 under test is ours: the temporary tag, the barrier, the rename, `latest` last."""
+import glob
 import os
 import signal
 import subprocess
@@ -137,3 +138,5 @@ def test_sigterm_to_moe_sys_train_stops_at_a_checkpoint(tmp_path, quick_sets):
     assert 3 <= stopped < 200
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, stopped + 1))
+    port = out.split("rendezvous 127.0.0.1:")[1].split(")")[0]
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")  # DeepSpeed leaves them; we do not
