@@ -1,9 +1,9 @@
 """The state of each point of a sweep, read from its run directory (nothing else is kept).
 
 A point is finished when its run directory holds the same resolved config the sweep file gives it
-now and metrics up to the last step; so a rerun skips it, and a point whose config changed, or
-whose run stopped early, runs again from scratch (a changed point counts as pending, not failed). Points whose config does not validate fail
-without starting anything, with the config error as their reason.
+now and metrics up to the last step, so a rerun skips it. A point whose run stopped early (failed)
+or whose config changed since (pending) runs again from scratch. Points whose config does not
+validate fail without starting anything, with the config error as their reason.
 """
 from __future__ import annotations
 

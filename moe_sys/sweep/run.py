@@ -62,6 +62,7 @@ def submit_slurm(sweep: Sweep) -> int:
         raise RuntimeError(f"{ARRAY_SCRIPT} is missing: --slurm runs from a source checkout (launch/ is not installed)")
     states = pts.plan(sweep)
     todo = [p for p in states if p.state != pts.FINISHED and p.cfg is not None]
+    tasks = _tasks(sweep, todo) if todo else []
     for p in states:
         if p.state != pts.FINISHED:
             pts.reset(p)
@@ -74,7 +75,7 @@ def submit_slurm(sweep: Sweep) -> int:
     limit = f"%{sweep.spec.slurm.max_parallel}" if sweep.spec.slurm.max_parallel else ""
     logs = os.path.join(sweep.out_dir, "slurm")
     os.makedirs(logs, exist_ok=True)
-    array_id = _sbatch([f"--array=0-{len(todo) - 1}{limit}", *_tasks(sweep, todo), f"--output={logs}/%A_%a.out",
+    array_id = _sbatch([f"--array=0-{len(todo) - 1}{limit}", *tasks, f"--output={logs}/%A_%a.out",
                         *sweep.spec.slurm.args, ARRAY_SCRIPT, array_file])
     command = [sys.executable, "-m", "moe_sys.cli", "sweep", os.path.abspath(sweep.spec_path), "--report-only"]
     report_id = _sbatch([f"--dependency=afterany:{array_id}", "--ntasks=1", f"--output={logs}/report-%j.out",
