@@ -12,8 +12,9 @@ import socket
 from dataclasses import dataclass
 from typing import Dict, Mapping, Tuple
 
-# Variables that only a process started by mpirun/mpiexec sees (Open MPI, PMIx, MPICH/Intel Hydra).
-MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE")
+# Variables a process started by mpiexec sees (PRRTE/PMIx, MPICH/Intel Hydra); srun sets them too
+# when it runs an MPI program itself (--mpi=pmix/pmi2), which SLURM's own variables describe as well.
+PMI_MARKERS = ("PMIX_RANK", "PMI_SIZE")
 
 
 @dataclass(frozen=True)
@@ -25,21 +26,30 @@ class LaunchEnv:
 
 
 def detect(env: Mapping[str, str] = os.environ) -> LaunchEnv:
-    """The launcher that started us. Order matters: torchrun and deepspeed set RANK themselves;
-    mpirun inside a SLURM job also sees SLURM variables, so MPI is checked before SLURM."""
+    """The launcher that started us. Order matters: torchrun and deepspeed set RANK themselves, and
+    an mpirun inside a SLURM job also sees the SLURM step of its daemons."""
     if "TORCHELASTIC_RUN_ID" in env:
         return _from_torch_env(env, "torchrun")
     if "RANK" in env and "WORLD_SIZE" in env:
         # The deepspeed launcher also exports CROSS_RANK; anything else that set RANK is plain env://.
         return _from_torch_env(env, "deepspeed" if "CROSS_RANK" in env else "env")
-    if any(marker in env for marker in MPI_MARKERS):
+    if "OMPI_COMM_WORLD_SIZE" in env:  # Open MPI's mpirun, inside a SLURM job or not
         return _from_mpi()
-    # SLURM_STEP_NUM_TASKS exists only inside an srun step: the batch script itself (also
-    # SLURM_PROCID=0, SLURM_NTASKS=N) must not mistake itself for rank 0 of N.
-    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+    if _srun_task(env):
         return LaunchEnv("slurm", int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
                          int(env["SLURM_STEP_NUM_TASKS"]))
+    if any(marker in env for marker in PMI_MARKERS):
+        return _from_mpi()
     return LaunchEnv("none", 0, 0, 1)
+
+
+def _srun_task(env: Mapping[str, str]) -> bool:
+    """A task srun started. SLURM_STEP_NUM_TASKS exists only inside a step, so the batch script itself
+    (SLURM_PROCID=0, SLURM_NTASKS=N too) is not rank 0 of N. An mpiexec inside a job runs its ranks in
+    its daemons' step (one task per node): their MPI world (PMI_SIZE) is larger than that step."""
+    if "SLURM_STEP_NUM_TASKS" not in env or "SLURM_PROCID" not in env:
+        return False
+    return env.get("PMI_SIZE", env["SLURM_STEP_NUM_TASKS"]) == env["SLURM_STEP_NUM_TASKS"]
 
 
 def _from_torch_env(env: Mapping[str, str], launcher: str) -> LaunchEnv:

@@ -21,11 +21,14 @@ def test_srun_step_but_not_the_batch_script():
     assert detect(step) == LaunchEnv("slurm", 1, 1, 2)
 
 
-def test_mpi_is_checked_before_slurm(monkeypatch):
-    monkeypatch.setattr(launch_env, "_from_mpi", lambda: LaunchEnv("mpi", 1, 0, 2))
-    inside_sbatch = {"OMPI_COMM_WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}
-    assert detect(inside_sbatch) == LaunchEnv("mpi", 1, 0, 2)
-    assert detect({"PMI_SIZE": "2"}).launcher == "mpi"
+def test_mpirun_and_mpiexec_inside_a_job_versus_srun_of_an_mpi_program(monkeypatch):
+    monkeypatch.setattr(launch_env, "_from_mpi", lambda: LaunchEnv("mpi", 1, 0, 8))
+    step = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "2"}  # one daemon per node
+    assert detect({**step, "OMPI_COMM_WORLD_SIZE": "8"}).launcher == "mpi"  # Open MPI's mpirun in sbatch
+    assert detect({**step, "PMI_SIZE": "8", "PMI_RANK": "5"}).launcher == "mpi"  # Hydra's mpiexec in sbatch
+    assert detect({**step, "PMI_SIZE": "2"}) == LaunchEnv("slurm", 0, 0, 2)  # srun --mpi=pmi2
+    assert detect({**step, "PMIX_RANK": "0"}) == LaunchEnv("slurm", 0, 0, 2)  # srun --mpi=pmix
+    assert detect({"PMIX_RANK": "1"}).launcher == "mpi"  # mpiexec outside SLURM
 
 
 def test_slurm_rendezvous_from_nodelist_and_job_id():
