@@ -5,7 +5,9 @@ Run from the repository root: ``python -m bench.moe_layer [--quick] [--no-write]
 
 Legend: B batch, S sequence, T = B*S tokens, D model dim, F expert hidden dim, E experts, K top-k.
 All contenders use SwiGLU experts in fp32 and the loss y.square().mean(); each point is the median of
-interleaved repeats of forward + backward (parameter gradients included).
+interleaved repeats of forward + backward (parameter gradients included). moe_sys runs dropless with
+the compiled ops; DeepSpeed drops at capacity factor 1.25 (its default), so it computes up to 1.25x
+the expert rows. The full grid takes about XX minutes on a quiet 2-core machine.
 """
 from __future__ import annotations
 
@@ -77,54 +79,86 @@ def _deepspeed_moe(D: int, F_: int, E: int, K: int) -> nn.Module:
     return moe
 
 
-def contenders(D: int, F_: int, E: int, K: int) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """name -> forward returning y_BSD; all built from the same seed."""
+class DenseFloor(nn.Module):
+    """The same expert FLOPs as one dense SwiGLU over T*K rows (input x_RD, R = T*K): the floor no MoE
+    layer can beat. With ``router`` it also runs the router's [D, E] linear, softmax and max over the T
+    tokens x_TD, the one compute cost every MoE layer adds on top of its experts' FLOPs; each token's top
+    probability is added to its K rows so the router's backward runs too."""
+
+    def __init__(self, D: int, F_: int, E: int, router: bool):
+        super().__init__()
+        self.mlp = SwiGLU(D, F_)
+        self.router = nn.Linear(D, E, bias=False) if router else None
+
+    def forward(self, x_RD, x_TD):
+        y_RD = self.mlp(x_RD)
+        if self.router is None:
+            return y_RD
+        top_T = self.router(x_TD).softmax(-1).amax(-1)
+        return (y_RD.view(x_TD.shape[0], -1, y_RD.shape[-1]) + top_T[:, None, None]).view_as(y_RD)
+
+
+OURS, FLOOR, FLOOR_ROUTER = "moe_sys", "dense floor", "dense floor + router"
+
+
+def contenders(D: int, F_: int, E: int, K: int) -> Dict[str, nn.Module]:
+    """name -> module; the MoE layers take x_BSD, the floors (x_RD, x_TD). All built from one seed."""
     from moe_sys.moe.layer import MoELayer
 
     torch.manual_seed(0)
-    ours, ds, loop, dense = MoELayer(D, F_, E, K), _deepspeed_moe(D, F_, E, K), LoopMoE(D, F_, E, K), SwiGLU(D, F_ * K)
-
-    def with_impl(impl):
-        def run(x):
-            ops.set_impl(impl)
-            return ours(x)[0]
-        return run
-
-    return {"moe_sys (kernel ops)": with_impl("kernel"), "moe_sys (reference ops)": with_impl("reference"),
-            "deepspeed MoE": lambda x: ds(x)[0], "HF-style loop": loop, "dense floor (F*K)": dense}
+    return {OURS: MoELayer(D, F_, E, K), "deepspeed MoE": _deepspeed_moe(D, F_, E, K),
+            "HF-style loop": LoopMoE(D, F_, E, K), FLOOR: DenseFloor(D, F_, E, router=False),
+            FLOOR_ROUTER: DenseFloor(D, F_, E, router=True)}
 
 
-def step(forward: Callable, x_BSD: torch.Tensor) -> Callable[[], None]:
+def step(module: nn.Module, *inputs: torch.Tensor) -> Callable[[], None]:
+    """One training step's compute: gradients reset to None as an optimizer's zero_grad does, so no
+    contender pays for accumulating into last step's gradients. MoE layers return (y, extras...)."""
     def run():
-        forward(x_BSD).square().mean().backward()
+        module.zero_grad(set_to_none=True)
+        y = module(*inputs)
+        (y[0] if isinstance(y, tuple) else y).square().mean().backward()
     return run
 
 
-def bench(configs, reps: int) -> str:
+def grid(D: int, quick: bool):
+    """(T, F, E, K) points: the issue's grid, coarse (F=4D) and fine-grained (F=D/2) experts."""
+    Ts, Es, Ks = ((1024,), (8, 64), (1, 2)) if quick else ((4096, 16384), (8, 64, 256), (1, 2, 8))
+    return [(T, F_, E, K) for T in Ts for F_ in (4 * D, D // 2) for E in Es for K in Ks]
+
+
+def bench(points, D: int, reps: int) -> str:
     rows, headers = [], None
-    for B, S, D, F_, E, K in configs:
-        runs = contenders(D, F_, E, K)
-        x_BSD = torch.randn(B, S, D, requires_grad=True)
-        secs = common.time_interleaved({name: step(fn, x_BSD) for name, fn in runs.items()}, reps)
-        ours, floor = secs["moe_sys (kernel ops)"], secs["dense floor (F*K)"]
-        others = list(runs)[1:-1]
-        headers = ["T", "D", "F", "E", "K", *[f"{n} ms" for n in runs], *[f"{n} / moe_sys" for n in others],
-                   "moe_sys / dense floor"]
-        rows.append([B * S, D, F_, E, K, *[common.median(secs[n]) * 1e3 for n in runs],
-                     *[common.ratio(secs[n], ours) for n in others], common.ratio(ours, floor)])
+    for T, F_, E, K in points:
+        modules = contenders(D, F_, E, K)
+        x_BSD = torch.randn(max(T // 1024, 1), min(T, 1024), D)
+        floor_inputs = (torch.randn(T * K, D), x_BSD.view(T, D))
+        steps = {name: step(m, *(floor_inputs if name in (FLOOR, FLOOR_ROUTER) else (x_BSD,)))
+                 for name, m in modules.items()}
+        secs = common.time_interleaved(steps, reps, warmup=1)
+        del modules, steps
+        peers = ["deepspeed MoE", "HF-style loop"]
+        headers = ["T", "D", "F", "E", "K", *[f"{n} ms" for n in secs], *[f"{n} / moe_sys" for n in peers],
+                   "moe_sys / dense floor", "moe_sys / (dense floor + router)"]
+        rows.append([T, D, F_, E, K, *[common.median(v) * 1e3 for v in secs.values()],
+                     *[common.ratio(secs[n], secs[OURS]) for n in peers],
+                     common.ratio(secs[OURS], secs[FLOOR]), common.ratio(secs[OURS], secs[FLOOR_ROUTER])])
         print(common.table(headers, rows[-1:]).splitlines()[-1], flush=True)
     return common.table(headers, rows)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    parser.add_argument("--quick", action="store_true", help="a small grid (T=1024, E in {8, 64}, K in {1, 2})")
+    parser.add_argument("--d-model", type=int, default=256, help="model dim D (default 256)")
+    parser.add_argument("--reps", type=int, default=3, help="timed rounds per point, after one warm-up round")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
+    if args.d_model < 2 or args.d_model % 2:
+        parser.error(f"--d-model must be an even number >= 2, got {args.d_model}")
     common.set_malloc("warm")
-    B, S, reps = (2, 512, 3) if args.quick else (4, 1024, 5)
-    # Same active FLOPs per token: 8 experts top-2 of width 1024, or 64 fine-grained experts top-8 of width 256.
-    result = bench([(B, S, 512, 1024, 8, 2), (B, S, 512, 256, 64, 8)], reps)
+    ops.set_impl("kernel")
+    result = bench(grid(args.d_model, args.quick), args.d_model, args.reps)
     print(result)
     if not args.no_write:
         common.write_section("moe-layer", "bench.moe_layer", result)

@@ -1,4 +1,4 @@
-// Schemas of the moe_sys dispatch/combine ops; kernels live in cpu/ and cuda/, fake and autograd
+// Schemas of the moe_sys dispatch/combine and grouped GEMM ops; kernels live in cpu/ and cuda/, fake and autograd
 // registrations in moe_sys/ops/registration.py (Python, so torch.compile can trace them).
 //
 // Legend: T tokens, K slots per token, E experts, D model dim, R routed rows.
@@ -17,4 +17,10 @@ TORCH_LIBRARY(moe_sys, m) {
   // out_TK[t, k] = dot(a_TD[t], b_RD[dest_row_TK[t, k]]) (0 when dropped), in the accumulation dtype:
   // the weight gradient of unpermute and of the weighted permute.
   m.def("row_dot(Tensor a_TD, Tensor b_RD, Tensor dest_row_TK) -> Tensor");
+  // y_RF[rows of e] = x_RD[rows of e] @ w_EDF[e], rows sorted by expert, counts_E (int64, on the host)
+  // rows each. CPU only: CUDA has torch._grouped_mm (moe_sys/ops/grouped_mm.py picks the backend).
+  m.def("grouped_mm(Tensor x_RD, Tensor w_EDF, Tensor counts_E) -> Tensor");
+  // grad_EDF[e] = x_RD[rows of e]^T @ grad_RF[rows of e] (zeros for experts with no rows): the weight
+  // gradient of grouped_mm, built as one [E, D, F] tensor.
+  m.def("grouped_mm_wgrad(Tensor x_RD, Tensor grad_RF, Tensor counts_E) -> Tensor");
 }

@@ -28,7 +28,7 @@ class ExpertBank(nn.Module):
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_RD: rows grouped by expert; counts_E: rows per local expert. Returns y_RD."""
-        counts = counts_E.tolist()  # one host sync: slice sizes must be known on the host
+        counts = counts_E if counts_E.device.type == "cpu" else counts_E.tolist()  # GPU: sync once, not per GEMM
         h_RF = grouped_mm(x_RD, self.w_up_EDF, counts)
         if self.activation == "swiglu":
             h_RF = F.silu(grouped_mm(x_RD, self.w_gate_EDF, counts)) * h_RF

@@ -33,11 +33,11 @@ def get_impl() -> str:
     return _impl
 
 
-def _use_kernel(t: torch.Tensor) -> bool:
-    """Whether this call runs the compiled op; builds the extension on the first non-reference call."""
+def kernel_active(device: torch.device) -> bool:
+    """Whether calls on this device run the compiled ops; builds the extension on the first non-reference call."""
     if _impl == "reference":
         return False
-    device = t.device.type
+    device = device.type
     why_not = build.load().why_not(device)
     if _impl == "kernel":
         if why_not is not None:
@@ -51,7 +51,7 @@ def _use_kernel(t: torch.Tensor) -> bool:
 
 def build_index(expert_ids_TK, num_experts, capacity=None) -> RoutingIndex:
     """See reference.build_index. The dropless layout's R needs counts on the host (one sync)."""
-    if not _use_kernel(expert_ids_TK):
+    if not kernel_active(expert_ids_TK.device):
         return reference.build_index(expert_ids_TK, num_experts, capacity)
     dest_row_TK, counts_E = torch.ops.moe_sys.build_index(expert_ids_TK, num_experts, capacity)
     num_rows = num_experts * capacity if capacity is not None else int(counts_E.sum())
@@ -60,14 +60,14 @@ def build_index(expert_ids_TK, num_experts, capacity=None) -> RoutingIndex:
 
 def permute(x_TD, dest_row_TK, num_rows):
     """See reference.permute; differentiable with respect to x_TD."""
-    if not _use_kernel(x_TD):
+    if not kernel_active(x_TD.device):
         return reference.permute(x_TD, dest_row_TK, num_rows)
     return torch.ops.moe_sys.permute(x_TD, dest_row_TK, num_rows)
 
 
 def unpermute(y_RD, dest_row_TK, weights_TK=None):
     """See reference.unpermute; differentiable with respect to y_RD and weights_TK."""
-    if not _use_kernel(y_RD):
+    if not kernel_active(y_RD.device):
         return reference.unpermute(y_RD, dest_row_TK, weights_TK)
     return torch.ops.moe_sys.unpermute(y_RD, dest_row_TK, weights_TK)
 
@@ -82,7 +82,7 @@ def describe() -> str:
         lines.append(f"compiled extension: {status.library}")
     for device in ("cpu", "cuda"):
         lines.append(f"  {device}: {_choice(status.why_not(device))}")
-    lines.append(f"grouped_mm: cpu -> {grouped_mm_backend(torch.device('cpu'), torch.bfloat16, 8, 8)}; "
+    lines.append(f"grouped_mm: cpu -> {grouped_mm_backend(torch.device('cpu'), torch.float32, 8, 8)}; "
                  f"cuda -> {_cuda_grouped_mm_summary()}")
     return "\n".join(lines)
 
@@ -103,5 +103,5 @@ def _cuda_grouped_mm_summary() -> str:
     return grouped_mm_backend(torch.device("cuda"), torch.bfloat16, 8, 8) + " (bf16, dims multiple of 8)"
 
 
-__all__ = ["RoutingIndex", "build_index", "permute", "unpermute", "grouped_mm", "set_impl", "get_impl", "describe",
+__all__ = ["RoutingIndex", "build_index", "permute", "unpermute", "grouped_mm", "set_impl", "get_impl", "kernel_active", "describe",
            "IMPLS"]

@@ -3,7 +3,7 @@
 Legend: T tokens, K slots per token, D row width, R routed rows.
 
 Fakes let torch.compile and FakeTensor tracing see the output shapes without running a kernel.
-The four ops are closed under differentiation, so every backward below is written with the ops
+The dispatch ops are closed under differentiation, so every backward below is written with the ops
 themselves and double backward works too:
 
 - permute (x_RD[dest] = w * x_TD[t]):   dx = unpermute(g, dest, w),  dw = row_dot(x, g, dest)
@@ -11,6 +11,11 @@ themselves and double backward works too:
 - row_dot (o[t,k] = x_TD[t] . y_RD[dest]):  dx = unpermute(y, dest, g),  dy = permute(x, dest, R, g)
 
 Weight gradients come back in the weights' own dtype (the router's, usually fp32).
+
+The grouped GEMM pair is closed the same way (per expert e, over its rows):
+
+- grouped_mm (y = x @ w[e]):          dx = grouped_mm(g, w^T),  dw = grouped_mm_wgrad(x, g)
+- grouped_mm_wgrad (gw[e] = x^T @ g):  dx = grouped_mm(g, gg^T), dg = grouped_mm(x, gg)
 """
 from __future__ import annotations
 
@@ -43,6 +48,16 @@ def _unpermute_fake(y_RD, dest_row_TK, weights_TK=None):
 def _row_dot_fake(a_TD, b_RD, dest_row_TK):
     torch._check(a_TD.shape[1] == b_RD.shape[1] and dest_row_TK.shape[0] == a_TD.shape[0])
     return a_TD.new_empty(dest_row_TK.shape, dtype=_acc_dtype(a_TD.dtype))
+
+
+def _grouped_mm_fake(x_RD, w_EDF, counts_E):
+    torch._check(x_RD.dim() == 2 and w_EDF.dim() == 3 and x_RD.shape[1] == w_EDF.shape[1])
+    return x_RD.new_empty(x_RD.shape[0], w_EDF.shape[2])
+
+
+def _grouped_mm_wgrad_fake(x_RD, grad_RF, counts_E):
+    torch._check(x_RD.dim() == 2 and grad_RF.dim() == 2 and x_RD.shape[0] == grad_RF.shape[0])
+    return x_RD.new_empty(counts_E.shape[0], x_RD.shape[1], grad_RF.shape[1])
 
 
 def _weight_grad(dot_TK, weights_TK):
@@ -94,13 +109,34 @@ def _row_dot_backward(ctx, grad_TK):
     return grad_a, grad_b, None
 
 
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad_RF):
+    x_RD, w_EDF, counts_E = ctx.saved_tensors
+    grad_x = ops.grouped_mm(grad_RF, w_EDF.transpose(1, 2), counts_E) if _needs_grad(ctx, 0) else None
+    grad_w = ops.grouped_mm_wgrad(x_RD, grad_RF, counts_E) if _needs_grad(ctx, 1) else None
+    return grad_x, grad_w, None
+
+
+def _grouped_mm_wgrad_backward(ctx, grad_EDF):
+    x_RD, grad_RF, counts_E = ctx.saved_tensors
+    grad_x = ops.grouped_mm(grad_RF, grad_EDF.transpose(1, 2), counts_E) if _needs_grad(ctx, 0) else None
+    grad_g = ops.grouped_mm(x_RD, grad_EDF, counts_E) if _needs_grad(ctx, 1) else None
+    return grad_x, grad_g, None
+
+
 @functools.lru_cache(maxsize=None)
 def register() -> None:
     """Attach fakes and autograd to the ops; call once, after the compiled library is loaded."""
     for name, fake in (("build_index", _build_index_fake), ("permute", _permute_fake),
-                       ("unpermute", _unpermute_fake), ("row_dot", _row_dot_fake)):
+                       ("unpermute", _unpermute_fake), ("row_dot", _row_dot_fake),
+                       ("grouped_mm", _grouped_mm_fake), ("grouped_mm_wgrad", _grouped_mm_wgrad_fake)):
         torch.library.register_fake(f"moe_sys::{name}", fake)
     for name, backward, setup in (("permute", _permute_backward, _permute_setup),
                                   ("unpermute", _unpermute_backward, _unpermute_setup),
-                                  ("row_dot", _row_dot_backward, _row_dot_setup)):
+                                  ("row_dot", _row_dot_backward, _row_dot_setup),
+                                  ("grouped_mm", _grouped_mm_backward, _grouped_mm_setup),
+                                  ("grouped_mm_wgrad", _grouped_mm_wgrad_backward, _grouped_mm_setup)):
         torch.library.register_autograd(f"moe_sys::{name}", backward, setup_context=setup)

@@ -23,6 +23,8 @@ index = ops.build_index(ids_TK, 2)
 y_TD = ops.unpermute(ops.permute(torch.ones(2, 4), index.dest_row_TK, index.num_rows), index.dest_row_TK)
 assert y_TD.tolist() == [[2.0] * 4, [1.0] * 4]
 ops.permute(torch.ones(2, 4), index.dest_row_TK, index.num_rows)
+from moe_sys.ops.grouped_mm import grouped_mm
+assert grouped_mm(torch.ones(3, 4), torch.ones(2, 4, 5), [1, 2]).tolist() == [[4.0] * 5] * 3
 print(ops.describe())
 ops.set_impl("kernel")
 try:
@@ -41,12 +43,13 @@ def test_no_compiler_falls_back_to_reference(tmp_path):
     assert proc.stderr.count("compiled kernels unavailable (no C++ compiler") == 1, proc.stderr
     assert proc.stderr.count("ops.impl=auto on cpu: reference") == 1, proc.stderr
     assert "compiled extension: unavailable (no C++ compiler" in proc.stdout
+    assert "grouped_mm: cpu -> loop" in proc.stdout
     assert "RAISED ops.impl='kernel' but the compiled moe_sys op for cpu is missing: no C++ compiler" in proc.stdout
 
 
 def test_describe_reports_the_choice(kernels):
     text = ops.describe()
-    assert "ops.impl = auto" in text and "cpu: kernel" in text and "grouped_mm: cpu -> loop" in text
+    assert "ops.impl = auto" in text and "cpu: kernel" in text and "grouped_mm: cpu -> kernel" in text
     assert build.load().library in text
 
 

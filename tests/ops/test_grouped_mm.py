@@ -1,9 +1,14 @@
-"""grouped_mm vs a plain per-expert loop, forward and gradients, on every backend this machine runs."""
+"""grouped_mm vs a plain per-expert loop, forward and gradients, on every backend this machine runs.
+
+Legend: R rows sorted by expert, D input dim, F output dim, E experts.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moe_sys import ops
+from moe_sys.ops import build
 from moe_sys.ops.grouped_mm import grouped_mm, grouped_mm_backend
 from tests.ops.conftest import randn
 
@@ -21,7 +26,16 @@ def _per_expert(x_RD, w_EDF, counts):
 
 def _backends(dtype):
     # CPU torch._grouped_mm runs in this torch, so its wiring (offsets, grad layout) is tested here too.
-    return ["loop"] + (["torch._grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
+    # The compiled kernel's own tests below need it built; here it joins when the build exists.
+    return (["loop"] + (["torch._grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
+            + (["kernel"] if build.load().why_not("cpu") is None else []))
+
+
+def _random_counts(E: int, R: int, seed: int, empty: int = 0) -> torch.Tensor:
+    """Uneven rows per expert summing to R, the first ``empty`` experts given none."""
+    g = torch.Generator().manual_seed(seed)
+    owner_R = torch.randint(empty, E, (R,), generator=g)
+    return torch.bincount(owner_R, minlength=E)
 
 
 @pytest.mark.parametrize("counts", COUNTS)
@@ -69,8 +83,69 @@ def test_grouped_mm_loop_handles_sum_backward():
         assert w_EDF.grad.shape == (2, 8, 8)
 
 
-def test_backend_choice_on_cpu():
-    assert grouped_mm_backend(torch.device("cpu"), torch.bfloat16, 64, 64) == "loop"
+def test_backend_choice_on_cpu(kernels):
+    assert grouped_mm_backend(torch.device("cpu"), torch.float32, 64, 64) == "kernel"
+    ops.set_impl("reference")
+    try:
+        assert grouped_mm_backend(torch.device("cpu"), torch.float32, 64, 64) == "loop"
+    finally:
+        ops.set_impl("auto")
+
+
+# Few rows per expert spread the experts over threads, many run each GEMM threaded: cover both.
+@pytest.mark.parametrize("E,R", [(64, 300), (5, 4000), (1, 7), (3, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_oracle_on_uneven_experts(kernels, E, R, dtype):
+    empty = min(2, E - 1)
+    counts_E = _random_counts(E, R, seed=E + R, empty=empty)
+    D, F = 24, 40
+    grad_RF = randn(R, F, dtype=dtype, seed=5)
+    results = []
+    for run in ("kernel", "oracle"):
+        x_RD = randn(R, D, dtype=dtype, seed=3, requires_grad=True)
+        w_EDF = randn(E, D, F, dtype=dtype, seed=4, requires_grad=True)
+        y_RF = (grouped_mm(x_RD, w_EDF, counts_E, backend="kernel") if run == "kernel"
+                else _per_expert(x_RD, w_EDF, counts_E.tolist()))
+        y_RF.backward(grad_RF)
+        results.append((y_RF, x_RD.grad, w_EDF.grad))
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tol)
+    if empty:
+        assert torch.count_nonzero(results[0][2][0]) == 0  # an expert with no rows gets an all-zero gradient
+
+
+def test_kernel_runs_on_every_thread_count(kernels):
+    """The expert-split path with 1, 2 and 3 threads gives bit-identical results (each expert's GEMM is
+    the same call whichever thread runs it)."""
+    counts_E = _random_counts(32, 500, seed=1, empty=3)
+    x_RD, w_EDF = randn(500, 16, seed=1), randn(32, 16, 8, seed=2)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(kernels.grouped_mm(x_RD, w_EDF, counts_E))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_kernel_double_backward(kernels):
+    counts_E = torch.tensor([2, 0, 3])
+    x_RD = randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w_EDF = randn(3, 4, 3, dtype=torch.float64, seed=1, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda x, w: kernels.grouped_mm(x, w, counts_E), (x_RD, w_EDF))
+
+
+def test_kernel_rejects_bad_counts(kernels):
+    x_RD, w_EDF = randn(4, 8), randn(2, 8, 8)
+    with pytest.raises(RuntimeError, match="counts_E sums to 5 but there are 4 rows"):
+        kernels.grouped_mm(x_RD, w_EDF, torch.tensor([2, 3]))
+    with pytest.raises(RuntimeError, match=r"counts_E\[0\] = -1 is negative"):
+        kernels.grouped_mm(x_RD, w_EDF, torch.tensor([-1, 5]))
+    with pytest.raises(RuntimeError, match="w_EDF must be"):
+        kernels.grouped_mm(x_RD, randn(3, 8, 8), torch.tensor([2, 2]))
 
 
 def test_rejects_counts_that_do_not_match_experts():

@@ -22,6 +22,11 @@ def _cases(device, dtype):
         yield "unpermute", (y_RD, dest, None)
         yield "unpermute", (y_RD, dest, w_TK)
         yield "row_dot", (x_TD, y_RD, dest)
+    if device == "cpu":  # grouped GEMM has a CPU kernel only (CUDA uses torch._grouped_mm)
+        counts_E = torch.tensor([4, 0, 6, 3])
+        x_RD = randn(13, 16, dtype=dtype, device=device, requires_grad=True)
+        yield "grouped_mm", (x_RD, randn(4, 16, 8, dtype=dtype, seed=2, requires_grad=True), counts_E)
+        yield "grouped_mm_wgrad", (x_RD, randn(13, 8, dtype=dtype, seed=3, requires_grad=True), counts_E)
 
 
 @pytest.mark.parametrize("device", DEVICES)
