@@ -93,7 +93,7 @@ def machine() -> str:
         cpu = match.group(1) if match else cpu
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"python {platform.python_version()}, load average {load:.1f} at start")
+            f"python {platform.python_version()}, load average {load:.1f} at the end")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
