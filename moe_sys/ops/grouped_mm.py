@@ -69,7 +69,7 @@ def grouped_mm(x_RD: torch.Tensor, w_EDF: torch.Tensor, counts_E: Union[torch.Te
         offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x_RD, w_EDF, offs=offsets_E))
     if backend == "kernel":
-        why_not = build.load().why_not(x_RD.device.type)
+        why_not = build.load().why_not("cpu") if x_RD.device.type == "cpu" else "it has a CPU kernel only"
         if why_not is not None:
             raise RuntimeError(f"grouped_mm backend 'kernel' is unavailable on {x_RD.device.type}: {why_not}")
         return torch.ops.moe_sys.grouped_mm(x_RD, w_EDF, torch.as_tensor(counts_E, dtype=torch.int64, device="cpu"))
