@@ -1,7 +1,7 @@
 """MoE layer forward+backward: moe_sys's MoELayer vs DeepSpeed's MoE vs an HF-style per-expert loop vs
 a dense FFN with the same active FLOPs (the floor no MoE layer can beat).
 
-Run from the repository root: ``python -m bench.moe_layer [--quick] [--no-write]``.
+Run from the repository root: ``python -m bench.moe_layer [--quick] [--d-model D] [--reps N] [--no-write]``.
 
 Legend: B batch, S sequence, T = B*S tokens, D model dim, F expert hidden dim, E experts, K top-k.
 All contenders use SwiGLU experts in fp32 and the loss y.square().mean(); each point is the median of
