@@ -151,3 +151,8 @@ def test_kernel_rejects_bad_counts(kernels):
 def test_rejects_counts_that_do_not_match_experts():
     with pytest.raises(ValueError, match="experts"):
         grouped_mm(randn(4, 8), randn(3, 8, 8), [2, 2], backend="loop")
+
+
+def test_kernel_backend_is_cpu_only():
+    with pytest.raises(RuntimeError, match="CPU kernel only"):
+        grouped_mm(torch.ones(2, 4, device="meta"), torch.ones(1, 4, 4, device="meta"), [2], backend="kernel")
