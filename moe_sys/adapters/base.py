@@ -161,7 +161,7 @@ class SlotAdapter(AdapterLayer):
         self.merged_slot = None
 
     def _fold(self, slot: int, inverse: bool) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} sets mergeable = True but defines no _fold")
 
 
 def mix(params_N: Dict[str, torch.Tensor], weights_BN: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -103,5 +103,5 @@ def _cuda_grouped_mm_summary() -> str:
     return grouped_mm_backend(torch.device("cuda"), torch.bfloat16, 8, 8) + " (bf16, dims multiple of 8)"
 
 
-__all__ = ["RoutingIndex", "build_index", "permute", "unpermute", "grouped_mm", "set_impl", "get_impl", "kernel_active", "describe",
-           "IMPLS"]
+__all__ = ["RoutingIndex", "build_index", "permute", "unpermute", "grouped_mm", "set_impl", "get_impl",
+           "kernel_active", "describe", "IMPLS"]
