@@ -43,7 +43,7 @@ class PromptPool(AdapterLayer):
     def __init__(self, base_layer: PatchEmbedding, name: str, components: int = 20, length: int = 8,
                  ortho_coef: float = 1e-6):
         super().__init__(base_layer, name)
-        D = base_layer.embedding_dim
+        D = self.embedding_dim = base_layer.embedding_dim  # it is the model's embedding now
         self.keys_MD = nn.Parameter(nn.init.orthogonal_(torch.empty(components, D)))
         self.attention_MD = nn.Parameter(nn.init.orthogonal_(torch.empty(components, D)))
         self.prompts_MLD = nn.Parameter(nn.init.orthogonal_(torch.empty(components, length * D)).view(components,
