@@ -61,7 +61,7 @@ def add_adapter(model: nn.Module, spec, domains: Sequence[str]) -> List[AdapterL
         base = model.get_submodule(name)
         if not isinstance(base, kind.wraps):
             raise TypeError(f"adapter {spec.name!r}: {name} is a {type(base).__name__}, but {spec.type} adapters "
-                            f"wrap {kind.wraps.__name__}")
+                            f"wrap {kind.wraps_names()}")
         layer = kind.build(base, spec, Site(name, d_model, len(domains)))
         layer.spec = spec
         _replace(model, name, layer)

@@ -3,7 +3,8 @@ Distributions with Parameter-Efficient Transfer Learning", WACV 2025; code tjddu
 parallel bottleneck adapters whose branch is switched off per example in training.
 
 Two placements:
-  stochastic  one adapter beside each whole transformer block, ``out = block(x) + gamma * adapter(x)``.
+  stochastic  one adapter beside each whole transformer block (LM or ViT),
+              ``out = block(x) + gamma * adapter(x)``.
   puma        PUMA's own (models/prompt.py StochasticAdapter, used in models/vision_transformer.py
               forward_features): one beside the attention and one beside the MLP sub-layer of every block,
               each reading that sub-layer's normalised input n (norm1(x), norm2(x_attn)):
@@ -30,6 +31,7 @@ import torch.nn as nn
 from moe_sys.adapters.base import register_adapter
 from moe_sys.adapters.bottleneck import BottleneckAdapter
 from moe_sys.models.transformer import Block
+from moe_sys.models.vit import ViTBlock
 
 
 class StochasticAdapter(BottleneckAdapter):
@@ -64,8 +66,8 @@ class PumaAdapter(StochasticAdapter):
             self.bank.down_NIR.uniform_(-bound, bound)
 
 
-@register_adapter("stochastic", wraps=Block)
-def build(base_layer: Block, spec, site) -> StochasticAdapter:
+@register_adapter("stochastic", wraps=(Block, ViTBlock))
+def build(base_layer: nn.Module, spec, site) -> StochasticAdapter:
     return StochasticAdapter(base_layer, spec.name, spec.slot_names(), site.d_model, spec.dim, spec.activation,
                              spec.p_drop, spec.rescale)
 

@@ -71,10 +71,11 @@ class BottleneckSpec(SlotSpec):
 
 
 class StochasticSpec(SlotSpec):
-    """A parallel bottleneck adapter beside each whole block, dropped per example in training (PUMA)."""
+    """A parallel bottleneck adapter beside each whole block, dropped per example in training (the
+    whole-block reading of PUMA; ``puma`` is its own two-per-block placement)."""
 
     type: Literal["stochastic"] = "stochastic"
-    targets: List[str] = Field(default_factory=lambda: ["layers.*"])
+    targets: List[str] = Field(default_factory=lambda: ["layers.*"], description="LM blocks; ViT: [blocks.*]")
     dim: int = Field(32, gt=0, description="bottleneck width (PUMA: 128 on ViT-S)")
     activation: Activation = "gelu"
     p_drop: float = Field(0.5, ge=0, le=1, description="probability that an example's adapter is off in training")

@@ -140,3 +140,14 @@ def test_adapters_saved_alone_and_reattached(tmp_path):
     attach(fresh, str(tmp_path), ["a", "b"])
     model.eval(), fresh.eval()
     assert torch.equal(fresh(_images()).features_BD, model(_images()).features_BD)
+
+
+def test_whole_block_stochastic_adapter_also_wraps_vit_blocks():
+    model, base, layers = _model({"type": "stochastic", "name": "blockwise", "targets": ["blocks.*"], "dim": 8})
+    assert [type(m.base_layer).__name__ for m in layers] == ["ViTBlock", "ViTBlock"]
+    x = _images()
+    assert torch.equal(model(x).features_BD, base(x).features_BD)  # zero up projection: the frozen ViT
+    with torch.no_grad():
+        layers[0].bank.up_NRO.normal_()
+    model.eval()
+    assert (model(x).features_BD - base.eval()(x).features_BD).abs().max() > 1e-3
