@@ -18,6 +18,7 @@ def test_hand_computed_case_with_ties_and_self_matches():
     # q3 [0,1,2,4] q4 [3,0,1,2]; R = 2,1,2,2,1
     assert nearest(TIED, 4, chunk=2).tolist() == [[1, 2, 3, 4], [0, 2, 3, 4], [0, 1, 3, 4], [0, 1, 2, 4],
                                                   [3, 0, 1, 2]]
+    assert nearest(TIED, 1).flatten().tolist() == [1, 0, 0, 0, 3]  # ties straddling the k-th place
     got = scope_metrics(TIED, TIED_LABELS)
     want = {"R@1": 2 / 5, "R@2": 3 / 5, "R@4": 1.0, "R@8": 1.0,  # R@8 is capped at the 4 other images
             "RP": (0.5 + 0 + 0.5 + 0.5 + 0) / 5,
