@@ -83,14 +83,14 @@ def test_domains_unified_per_domain_and_harmonic_mean():
 
 
 def test_matches_pml_accuracy_calculator():
-    calc_mod = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
     from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils import accuracy_calculator
     from pytorch_metric_learning.utils.inference import CustomKNN
 
     g = torch.Generator().manual_seed(4)
     emb = torch.randn(80, 8, generator=g)
     labels = torch.randint(0, 7, (80,), generator=g)
-    calc = calc_mod.AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+    calc = accuracy_calculator.AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
                                        knn_func=CustomKNN(CosineSimilarity()), device=torch.device("cpu"))
     ref = calc.get_accuracy(emb, labels)
     ours = scope_metrics(emb, labels)
