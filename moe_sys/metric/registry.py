@@ -58,6 +58,8 @@ class MetricLoss(nn.Module):
         self.group = group
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        # at least fp32: the losses exponentiate similarities scaled by up to 1/0.07 or 64
+        emb_BD = emb_BD.to(torch.promote_types(emb_BD.dtype, torch.float32))
         if self.gather:
             emb_BD, labels_B = gather_batch(emb_BD, labels_B, self.group)
         return self.loss(emb_BD, labels_B)

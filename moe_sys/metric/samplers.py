@@ -26,6 +26,8 @@ import torch
 
 def domain_weights(images_per_domain: Sequence[int], mode: str, temperature: float = 1.0) -> np.ndarray:
     """w_d for ``mode`` union | balanced | temperature (see the module docstring); sums to 1."""
+    if temperature <= 0:
+        raise ValueError(f"sampler temperature must be > 0, got {temperature}")
     n_D = np.asarray(images_per_domain, dtype=np.float64)
     raw = {"union": lambda: n_D, "balanced": lambda: np.ones_like(n_D),
            "temperature": lambda: n_D ** (1.0 / temperature)}

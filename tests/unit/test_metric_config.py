@@ -57,3 +57,15 @@ def test_projector_is_l2_normalised():
         out = Projector(12, spec.dim, spec.kind, spec.hidden)(x)
         assert out.shape == (5, spec.dim)
         torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
+
+
+@pytest.mark.parametrize("name", ["ntxent", "arcface", "curricularface"])
+def test_bf16_embeddings_and_class_vectors_are_computed_in_fp32(name):
+    emb = torch.randn(10, 8).bfloat16()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 0, 1])
+    low = build_loss(LossSpec(name=name), 4, 8).bfloat16()
+    high = build_loss(LossSpec(name=name), 4, 8)
+    high.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
+    value = low(emb, labels)
+    assert value.dtype == torch.float32
+    assert torch.equal(value, high(emb.float(), labels))
