@@ -87,7 +87,7 @@ def scope_metrics(emb_ND: torch.Tensor, cls_N: torch.Tensor, ks: Sequence[int] =
     totals = torch.zeros(len(names), dtype=torch.float64)
     for start, idx_QK in _neighbour_chunks(emb_ND, K, chunk):
         totals += _query_scores(cls_N[idx_QK] == cls_N[start:start + len(idx_QK), None],
-                                R_N[start:start + len(idx_QK)], ks).sum(0)
+                                R_N[start:start + len(idx_QK)], ks).sum(0).cpu()
     return {name: float(total / valid) for name, total in zip(names, totals)}
 
 
