@@ -196,7 +196,7 @@ class Config(Section):
             size = "of even size" if m.arch == "lm" else "of equal size"
             problems.append(f"model.n_heads: d_model={m.d_model} must split into {m.n_heads} heads {size}")
         if m.arch == "vit":
-            problems += vit_problems(m.vit)
+            problems += vit_problems(m)
         if moe.top_k > moe.num_experts:
             problems.append(f"moe.top_k: {moe.top_k} exceeds moe.num_experts={moe.num_experts}")
         if moe.num_experts % p.ep_size:
@@ -220,11 +220,15 @@ class Config(Section):
         return problems
 
 
-def vit_problems(v: ViTConfig) -> List[str]:
-    """The ViT's own rules, one line each."""
-    problems = []
+def vit_problems(m: ModelConfig) -> List[str]:
+    """The ViT's own rules, one line each; a Hugging Face directory's config.json must agree with ``m``."""
+    v, problems = m.vit, []
     if v.image_size % v.patch_size:
         problems.append(f"model.vit.image_size: {v.image_size} is not divisible by model.vit.patch_size={v.patch_size}")
     if v.pretrained is not None and not os.path.exists(v.pretrained):
         problems.append(f"model.vit.pretrained: no file or directory at {v.pretrained!r}")
+    elif v.pretrained is not None and os.path.isdir(v.pretrained):
+        from moe_sys.weights.vit_hf import config_problems  # torch only for configs that load weights
+
+        problems += config_problems(v.pretrained, m)
     return problems

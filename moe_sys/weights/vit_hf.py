@@ -44,30 +44,36 @@ def model_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def check_config(hf: Dict[str, Any], model_cfg, path: str) -> None:
-    """Refuse, in one line, a config.json that is not a plain GELU ViT or differs from ``model_cfg``."""
+def config_problems(directory: str, model_cfg) -> List[str]:
+    """One line per way the directory cannot be loaded into the ViT of ``model_cfg`` (ModelConfig): missing
+    files, not a plain GELU ViT, a config.json value that differs from the model section's."""
+    config_path = os.path.join(directory, CONFIG_FILE)
+    for needed in (config_path, os.path.join(directory, WEIGHTS_FILE)):
+        if not os.path.isfile(needed):
+            return [f"{directory}: no {os.path.basename(needed)}; expected a Hugging Face ViTModel directory"]
+    with open(config_path) as f:
+        hf = json.load(f)
     if hf.get("model_type") != "vit" or hf.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"{path}: model_type={hf.get('model_type')!r}, hidden_act={hf.get('hidden_act')!r}; "
-                         "expected a 'vit' model with 'gelu'")
+        return [f"{config_path}: model_type={hf.get('model_type')!r}, hidden_act={hf.get('hidden_act')!r}; "
+                "expected a 'vit' model with 'gelu'"]
     try:
         fields = model_fields(hf)
     except KeyError as e:
-        raise ValueError(f"{path}: missing key {e.args[0]!r}") from None
+        return [f"{config_path}: missing key {e.args[0]!r}"]
+    problems = []
     for key, value in fields.items():
-        ours = model_cfg.vit if key.startswith("vit.") else model_cfg
-        mine = getattr(ours, key.split(".")[-1])
+        mine = getattr(model_cfg.vit if key.startswith("vit.") else model_cfg, key.split(".")[-1])
         if mine != value:
-            raise ValueError(f"{path}: gives model.{key} = {value!r}, but the config has {mine!r}")
+            problems.append(f"{config_path}: gives model.{key} = {value!r}, but the config has {mine!r}")
+    return problems
 
 
 def read_hf(directory: str, model_cfg) -> Dict[str, torch.Tensor]:
-    """Check config.json against ``model_cfg``, read model.safetensors, return our state dict."""
-    config_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
-    for needed in (config_path, weights_path):
-        if not os.path.isfile(needed):
-            raise ValueError(f"{directory}: no {os.path.basename(needed)}; expected a Hugging Face ViTModel directory")
-    with open(config_path) as f:
-        check_config(json.load(f), model_cfg, config_path)
+    """Check the directory against ``model_cfg``, read model.safetensors, return our state dict."""
+    problems = config_problems(directory, model_cfg)
+    if problems:
+        raise ValueError(problems[0])
+    weights_path = os.path.join(directory, WEIGHTS_FILE)
     return from_hf(load_file(weights_path), weights_path)
 
 

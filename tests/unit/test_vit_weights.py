@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from moe_sys.config import ConfigError, load_config
 from moe_sys.config.schema import Config
 from moe_sys.models.vit import build_vit
 from tests import torchvision_stub
@@ -91,6 +92,11 @@ def test_hf_config_mismatch_is_one_line_naming_the_key(tmp_path):
     _hf_vit(shape).save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=r"config.json: gives model.norm_eps = 1e-12, but the config has 1e-06"):
         build_vit(_config(shape, 1e-6, str(tmp_path)))
+    overrides = [f"model.{k}={v}" for k, v in {"arch": "vit", "d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128,
+                                               "norm_eps": 1e-12, "vit.patch_size": 8, "moe.enabled": False}.items()]
+    overrides = [o.replace("model.moe.", "moe.") for o in overrides] + [f"model.vit.pretrained={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"^\S+config.json: gives model.vit.patch_size = 4, but the config has 8$"):
+        load_config(None, overrides)  # caught when the config is read: the CLI's one line, exit code 2
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="no model.safetensors"):
         build_vit(_config(shape, 1e-12, str(tmp_path)))
