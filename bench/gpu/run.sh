@@ -26,8 +26,10 @@ if [ "$DRY" = 0 ]; then
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # sm_90 machine code, not PTX the driver JITs
     export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/moe_sys_ext}
 fi
-# moe_sys and bench come from this checkout (nothing is pip-installed there); ninja sits beside python.
+# moe_sys and bench come from this checkout (nothing is pip-installed there). Python's own bin folder
+# (the pip ninja) goes last: another ninja first on PATH must stay first, or, being another version with
+# another log format, it would make torch rebuild every extension that ninja built.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
+PATH="$PATH:$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")"
 export PATH
 exec "$PY" -m bench.gpu.run "$@"
