@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from moe_sys.config import ConfigError, dump_config, load_config
+from moe_sys.config import ConfigError, dump_config, load_config, paths
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +84,8 @@ def _train(args) -> int:
     launch = launch_env.detect()
     world = launch.world_size if launch.launcher != "none" else None
     cfg = load_config(args.config, args.overrides, world_size=world)
+    if args.resume and paths.resume_problem(cfg.logging.run_dir):
+        raise ConfigError(paths.resume_problem(cfg.logging.run_dir))
     if launch.launcher == "none":
         from moe_sys.parallel.local_launch import run_local
 

@@ -18,7 +18,7 @@ Activation = Literal["relu", "gelu", "silu"]
 
 
 class AdapterSpec(Section):
-    name: str = Field(description="unique name; also the prefix of its weights in saved adapter files")
+    name: str = Field(min_length=1, description="unique name; also the prefix of its weights in saved adapter files")
     targets: List[str] = Field(description="module-name patterns of the base model to wrap")
 
 
