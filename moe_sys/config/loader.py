@@ -74,8 +74,9 @@ def _index(part: str, key: str, n: int) -> int:
     return int(part)
 
 
-def describe_errors(e: ValidationError, root: type) -> List[str]:
-    """One line per wrong key (pydantic may report several errors for one value)."""
+def describe_errors(e: ValidationError, root: Any) -> List[str]:
+    """One line per wrong key (pydantic may report several errors for one value). root: the
+    validated type (a section class, or an annotation such as List[AnySpec])."""
     lines: Dict[str, str] = {}
     for err in e.errors():
         loc, holder, members = _walk(err["loc"], root)
@@ -113,11 +114,11 @@ def _suggest(name: str, names: List[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(names)}"
 
 
-def _walk(loc, root: type):
+def _walk(loc, root: Any):
     """Pydantic's error location as the user writes the key (the ``type`` tags pydantic inserts for
     tagged unions dropped), the section class that holds its last key (None if unknown), and the
     section classes the location's value may be."""
-    out, here, holder = [], [root], None
+    out, here, holder = [], _sections(root), None
     for part in loc:
         if isinstance(part, int):
             out.append(part)

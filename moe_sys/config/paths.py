@@ -6,8 +6,13 @@ inside one. Torch-free, like the rest of the config package.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import List, Optional
+
+from pydantic import TypeAdapter, ValidationError
+
+from moe_sys.config.adapters import AnySpec
 
 # A DeepSpeed checkpoint as moe_sys.adapters.io.read_model_weights finds it: a run dir, its
 # checkpoints/ dir (both through `latest`), or one tag dir.
@@ -46,7 +51,24 @@ def _adapter_dir_problem(path: str) -> Optional[str]:
     if not os.path.isdir(path):
         return "is not a directory" if os.path.exists(path) else "does not exist"
     missing = [name for name in ADAPTER_FILES if not os.path.isfile(os.path.join(path, name))]
-    return f"is not an adapter directory (no {' or '.join(missing)})" if missing else None
+    if missing:
+        return f"is not an adapter directory (no {' or '.join(missing)})"
+    return _manifest_problem(os.path.join(path, ADAPTER_FILES[0]))
+
+
+def _manifest_problem(path: str) -> Optional[str]:
+    """The manifest's adapter specs must validate like adapters.modules (moe_sys.adapters.io reads them)."""
+    from moe_sys.config.loader import describe_errors  # loader -> schema -> this module
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            specs = json.load(f)["specs"]
+        TypeAdapter(List[AnySpec]).validate_python(specs)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"holds a damaged {os.path.basename(path)} ({type(e).__name__})"
+    except ValidationError as e:
+        return f"holds a manifest whose specs do not validate: specs.{describe_errors(e, List[AnySpec])[0]}"
+    return None
 
 
 def _not_a_file(path: str) -> Optional[str]:

@@ -120,9 +120,11 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, gt=0)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
-    warmup_steps: int = Field(20, ge=1, description="linear warm-up steps (DeepSpeed's WarmupCosineLR needs at least 1)")
+    warmup_steps: int = Field(20, ge=1, description="linear warm-up steps (DeepSpeed's WarmupCosineLR needs at least 1); "
+                                                   "more than train.steps warms up over all steps, with a log line")
     weight_decay: float = Field(0.1, ge=0)
-    betas: List[Annotated[float, Field(ge=0, lt=1)]] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
+    betas: List[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2, description="Adam's (beta1, beta2), in [0, 1)")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     eval_every: int = Field(50, gt=0)
     eval_batches: int = Field(4, gt=0)

@@ -9,7 +9,9 @@ another expert-parallel size.
 """
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from typing import Any, Dict
 
 import torch
@@ -20,11 +22,16 @@ from moe_sys.parallel.experts import is_expert_parallel
 from moe_sys.parallel.groups import ExpertGroups
 
 DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+log = logging.getLogger("moe_sys")
 
 
 def build_ds_config(cfg, world_size: int) -> Dict[str, Any]:
     """DeepSpeed config from our sections, with ``cfg.deepspeed`` merged over it."""
     t = cfg.train
+    warmup = min(t.warmup_steps, t.steps)
+    if warmup < t.warmup_steps:
+        log.info("train.warmup_steps=%d exceeds train.steps=%d: warming up over all %d steps", t.warmup_steps,
+                 t.steps, warmup)
     ds: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
@@ -33,7 +40,7 @@ def build_ds_config(cfg, world_size: int) -> Dict[str, Any]:
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "scheduler": {
             "type": "WarmupCosineLR",
-            "params": {"total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
+            "params": {"total_num_steps": t.steps, "warmup_num_steps": warmup, "warmup_type": "linear",
                        "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio},
         },
         "bf16": {"enabled": t.dtype == "bf16"},
@@ -95,6 +102,30 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg, world_si
     """deepspeed.initialize with our config; returns (engine, lr_scheduler)."""
     import deepspeed
 
+    _silence_deepspeed_noise()
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=build_ds_config(cfg, world_size))
     return engine, scheduler
+
+
+class _DropMessages(logging.Filter):
+    """Drops DeepSpeed log records that start with one of ``prefixes``; lets every other one through."""
+
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def _silence_deepspeed_noise() -> None:
+    """Silence, by exact message, two warnings every run printed that are not the user's business:
+    the engine asks its LR scheduler for the LR before the first step, and DeepSpeed's comm layer
+    calls torch's deprecated ``all_gather_into_tensor``."""
+    from deepspeed.utils import logger
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+    if not any(isinstance(f, _DropMessages) for f in logger.filters):
+        logger.addFilter(_DropMessages(["Attempting to get learning rate from scheduler before it has started"]))
