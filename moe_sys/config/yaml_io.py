@@ -54,8 +54,7 @@ def _where(err: yaml.YAMLError, source: str, lines: bool) -> str:
 def _problem(err: yaml.YAMLError) -> str:
     text = getattr(err, "problem", None) or str(err)
     context = getattr(err, "context", None)
-    text = f"{context}: {text}" if context and "duplicate key" not in text else text
-    return " ".join(text.split())
+    return " ".join((f"{context}: {text}" if context else text).split())
 
 
 def parse(text: str, source: str, lines: bool = True) -> Any:
