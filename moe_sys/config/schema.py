@@ -105,8 +105,8 @@ class DomainConfig(Section):
 class DataConfig(Section):
     domains: List[DomainConfig] = Field(
         default_factory=lambda: [DomainConfig(name="code", weight=0.5), DomainConfig(name="prose", weight=0.3),
-                                 DomainConfig(name="data", weight=0.2)]
-    )
+                                 DomainConfig(name="data", weight=0.2)],
+        min_length=1)
     seq_len: int = Field(128, gt=0)
     seed: Seed = 1234
     valid_fraction: float = Field(0.02, gt=0, lt=1)

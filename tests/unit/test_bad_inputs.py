@@ -62,6 +62,8 @@ OVERRIDES += [(f"bound-{item}", _set(item, key)) for item, key in [
     ("adapters.modules=[{type: lora, name: a, rank: 0}]", "adapters.modules.0.rank:"),
     ("adapters.modules=[{type: lora, name: a, rank: true}]", "adapters.modules.0.rank:"),
     ("adapters.modules=[{type: smear, name: s, expert_dropout: 1.0}]", "adapters.modules.0.expert_dropout:"),
+    ("adapters.modules=[{type: smear, name: s, targets: []}]", "adapters.modules.0.targets:"),
+    ("data.domains=[]", "data.domains:"),
 ]]
 OVERRIDES += [(f"unknown-{item}", _set(item, key)) for item, key in [
     ("bogus=1", "bogus: unknown key"), ("model.bogus=1", "model.bogus: unknown key"),
