@@ -74,6 +74,10 @@ def _index(part: str, key: str, n: int) -> int:
     return int(part)
 
 
+# pydantic's errors for the `type:` of a tagged union (adapters.modules items): unknown, or missing.
+TAG_ERRORS = ("union_tag_invalid", "union_tag_not_found")
+
+
 def describe_errors(e: ValidationError, root: Any) -> List[str]:
     """One line per wrong key (pydantic may report several errors for one value). root: the
     validated type (a section class, or an annotation such as List[AnySpec])."""
@@ -85,9 +89,6 @@ def describe_errors(e: ValidationError, root: Any) -> List[str]:
         key = ".".join(map(str, loc))
         lines.setdefault(key, f"{key}: {_problem(err, holder)}")
     return list(lines.values())
-
-
-TAG_ERRORS = ("union_tag_invalid", "union_tag_not_found")
 
 
 def _problem(err: Dict[str, Any], holder: Any) -> str:
