@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from typing import Any, Dict
 
 import torch
@@ -102,30 +101,6 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg, world_si
     """deepspeed.initialize with our config; returns (engine, lr_scheduler)."""
     import deepspeed
 
-    _silence_deepspeed_noise()
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=build_ds_config(cfg, world_size))
     return engine, scheduler
-
-
-class _DropMessages(logging.Filter):
-    """Drops DeepSpeed log records that start with one of ``prefixes``; lets every other one through."""
-
-    def __init__(self, prefixes):
-        super().__init__()
-        self.prefixes = tuple(prefixes)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
-def _silence_deepspeed_noise() -> None:
-    """Silence, by exact message, two warnings every run printed that are not the user's business:
-    the engine asks its LR scheduler for the LR before the first step, and DeepSpeed's comm layer
-    calls torch's deprecated ``all_gather_into_tensor``."""
-    from deepspeed.utils import logger
-
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
-    if not any(isinstance(f, _DropMessages) for f in logger.filters):
-        logger.addFilter(_DropMessages(["Attempting to get learning rate from scheduler before it has started"]))
