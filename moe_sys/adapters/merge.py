@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from moe_sys.adapters.io import ADAPTER_FILE, MANIFEST_FILE, read_model_weights, save_model_weights
 from moe_sys.adapters.lora import lora_scale
-from moe_sys.adapters.merge_methods import MergeOptions, check_options, merge_tensor
+from moe_sys.adapters.merge_methods import METHODS, MergeOptions, check_options, merge_tensor
 from moe_sys.models.transformer import TransformerLM
 from moe_sys.moe.layer import MoELayer
 
@@ -203,13 +203,14 @@ def _argument_problem(method: str, inputs: Sequence[str], opts: MergeOptions, ra
     """What is wrong with the command line, before any file is read."""
     if method not in (*METHODS, "upcycle"):
         return f"unknown merge method {method!r}; choose from {', '.join((*METHODS, 'upcycle'))}"
-    if not 0 < opts.density <= 1:
-        return f"--density: {opts.density} must lie in (0, 1]"
     numbers = [opts.lam, opts.density, *(opts.weights or [])]
     if not all(math.isfinite(x) for x in numbers):
         return f"--lam/--density/--weights must be finite numbers, got {numbers}"
-    if opts.weights is not None and len(opts.weights) != len(inputs):
-        return f"--weights: {len(opts.weights)} weights for {len(inputs)} inputs (one per input)"
+    if method != "upcycle":
+        try:
+            check_options(opts, len(inputs))
+        except ValueError as e:
+            return str(e)
     if method == "average" and opts.weights is not None and sum(opts.weights) == 0:
         return "--weights: an average needs weights that do not sum to 0"
     if rank is not None and rank < 1:

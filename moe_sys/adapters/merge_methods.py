@@ -69,15 +69,16 @@ class MergeOptions:
 
 
 def check_options(opts: MergeOptions, count: int) -> None:
-    choices = {"method": (opts.method, METHODS), "convention": (opts.convention, tuple(CONVENTIONS)),
-               "majority sign": (opts.majority_sign, SIGN_METHODS)}
-    for what, (value, allowed) in choices.items():
+    """ValueError naming the option (as ``moe-sys merge`` spells it) that cannot merge ``count`` inputs."""
+    choices = {"method": (opts.method, METHODS), "--convention": (opts.convention, tuple(CONVENTIONS)),
+               "--majority-sign": (opts.majority_sign, SIGN_METHODS)}
+    for flag, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ValueError(f"unknown merge {what} {value!r}; choose from {allowed}")
+            raise ValueError(f"{flag}: unknown {value!r}; choose from {', '.join(allowed)}")
     if not 0 < opts.density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {opts.density}")
+        raise ValueError(f"--density: {opts.density} must lie in (0, 1]")
     if opts.weights is not None and len(opts.weights) != count:
-        raise ValueError(f"{len(opts.weights)} weights for {count} inputs")
+        raise ValueError(f"--weights: {len(opts.weights)} weights for {count} inputs (one per input)")
 
 
 def stacked_units(key: str, shape) -> int:
