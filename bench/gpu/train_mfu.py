@@ -76,7 +76,10 @@ def main(argv=None) -> None:
     parser.add_argument("--run-dir", required=True, help="the run directory (metrics.jsonl, config.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny model for a few steps on the CPU")
     args = parser.parse_args(argv)
+    from moe_sys.cli import _setup_logging
     from moe_sys.config import load_config
+
+    _setup_logging()  # the log lines `moe-sys train` prints (launcher, ops choice), its noise filtered
 
     config, *sets = DRY_RUN if args.dry_run else GPU_RUN
     overrides = [*sets, *COMMON, f"logging.run_dir={args.run_dir}"]
