@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--report-only", action="store_true", help="only write the results of the runs so far")
     _merge_args(sub.add_parser("merge", help="merge models or adapters (average, task arithmetic, TIES, DARE), "
                                              "or upcycle a dense model into an MoE one"))
+    p = sub.add_parser("convert", help="Hugging Face <-> moe_sys: from-hf HF_DIR (config.json + safetensors), "
+                                       "to-hf RUN_DIR (a run or a from-hf output)")
+    p.add_argument("direction", choices=["from-hf", "to-hf"])
+    p.add_argument("source", help="from-hf: a Hugging Face model dir; to-hf: a run dir with config.yaml")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     return parser
 
 
@@ -157,6 +162,18 @@ def _merge(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from moe_sys.weights import hf_write
+
+    try:
+        convert = hf_write.from_hf if args.direction == "from-hf" else hf_write.to_hf
+        print(convert(args.source, args.out))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _plot(args) -> int:
     from moe_sys.analysis.plot import plot_run
 
@@ -170,7 +187,7 @@ def _plot(args) -> int:
 
 
 COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot, "sweep": _sweep,
-            "merge": _merge}
+            "merge": _merge, "convert": _convert}
 
 if __name__ == "__main__":
     sys.exit(main())

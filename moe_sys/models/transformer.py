@@ -41,18 +41,48 @@ def apply_rotary(x_BHSd, cos_Sh, sin_Sh):
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int):
+    """Causal self-attention with grouped-query heads (n_kv_heads <= n_heads share K/V in groups).
+
+    One fused projection holds rows [q (H*d) | k (Hkv*d) | v (Hkv*d)]; qkv_bias adds a bias to it
+    (Qwen2). qk_norm: "head" = RMSNorm over each head's d features (Qwen3), "full" = over all of
+    q's H*d and k's Hkv*d features (OLMoE), applied before the rotary rotation as those models do.
+    Rotary pairs are interleaved (x[2i], x[2i+1]); Hugging Face checkpoints rotate half-split pairs
+    (x[i], x[i+d/2]), so their q/k rows are permuted on conversion (moe_sys.weights.hf_state).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                 qkv_bias: bool = False, qk_norm: str = "none", eps: float = 1e-5):
         super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        self.widths = (n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
+        self.qkv = nn.Linear(d_model, sum(self.widths), bias=qkv_bias)
+        self.proj = nn.Linear(self.widths[0], d_model, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm != "none":
+            q_dim, k_dim = (self.head_dim, self.head_dim) if qk_norm == "head" else self.widths[:2]
+            self.q_norm, self.k_norm = RMSNorm(q_dim, eps), RMSNorm(k_dim, eps)
+
+    def _heads(self, x_BSD):
+        """q_BHSd, k_BhSd, v_BhSd (h = n_kv_heads) with QK-norm applied."""
+        B, S, _ = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).split(self.widths, dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def forward(self, x_BSD, cos, sin, prefix_kv: Optional[Tuple[torch.Tensor, ...]] = None):
         """prefix_kv: (k_BHPd, v_BHPd, visible_BP), P extra key/value positions before the sequence that
         every query may attend to where visible (prefix tuning); they carry no rotary position."""
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        B, S, _ = x_BSD.shape
+        q, k, v = self._heads(x_BSD)
         q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
+        group = self.n_heads // self.n_kv_heads
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if prefix_kv is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -60,7 +90,7 @@ class Attention(nn.Module):
             causal_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).tril()
             mask_B1SK = torch.cat([visible_BP[:, None, None, :].expand(B, 1, S, -1), causal_SS.expand(B, 1, S, S)], -1)
             out = F.scaled_dot_product_attention(q, torch.cat([k_p, k], 2), torch.cat([v_p, v], 2), attn_mask=mask_B1SK)
-        return self.proj(out.transpose(1, 2).reshape(B, S, D))
+        return self.proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
 class SwiGLU(nn.Module):
@@ -99,10 +129,15 @@ def current_batch() -> Optional[RoutingContext]:
     return _BATCH.get()
 
 
+def attention_from_config(cfg) -> Attention:
+    """The attention a ModelConfig asks for."""
+    return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps)
+
+
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, eps: float):
+    def __init__(self, d_model: int, attn: Attention, ffn: nn.Module, eps: float):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(d_model, eps), Attention(d_model, n_heads)
+        self.attn_norm, self.attn = RMSNorm(d_model, eps), attn
         self.ffn_norm, self.ffn = RMSNorm(d_model, eps), ffn
 
     def forward(self, x_BSD, cos, sin, ctx: RoutingContext):
@@ -126,21 +161,21 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, self._ffn(i, cfg, moe_cfg, num_domains), cfg.norm_eps) for i in range(cfg.n_layers)
+            Block(cfg.d_model, attention_from_config(cfg), self._ffn(i, cfg, moe_cfg, num_domains), cfg.norm_eps)
+            for i in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rotary_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.head_dim or cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init(cfg.init_std)
 
     @staticmethod
     def _ffn(i: int, cfg, moe_cfg, num_domains: int) -> nn.Module:
-        is_moe = moe_cfg.enabled and i >= moe_cfg.first_moe_layer and (i - moe_cfg.first_moe_layer) % moe_cfg.every == 0
-        if not is_moe:
+        if not moe_cfg.is_moe_layer(i):
             return SwiGLU(cfg.d_model, cfg.d_ff)
         return build_moe_layer(cfg.d_model, cfg.d_ff, moe_cfg, cfg.init_std, num_domains)
 

@@ -22,6 +22,7 @@ from moe_sys.train import checkpoint, signals
 from moe_sys.train.data_feed import build_feeds
 from moe_sys.train.metrics import MetricsWriter
 from moe_sys.train.progress import Progress
+from moe_sys.weights import io as weights_io
 
 log = logging.getLogger("moe_sys")
 
@@ -81,7 +82,7 @@ def _build_engine(cfg: Config, world: int):
     engine, once, in this order."""
     model = TransformerLM(cfg.model, cfg.moe, num_domains=len(cfg.data.domains))
     if cfg.train.init_from:
-        adapter_io.load_model_weights(model, cfg.train.init_from)
+        weights_io.load_model_weights(model, cfg.train.init_from)
     groups = create_expert_groups(cfg.parallel.ep_size)
     shard_and_mark_experts(model, groups)
     if _has_adapters(cfg):
