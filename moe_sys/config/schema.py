@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Literal, Optional
 from pydantic import Field
 
 from moe_sys.config.adapters import AdaptersConfig
+from moe_sys.config.data_vocab import vocab_problems
 from moe_sys.config.routing_rules import routing_problems
 from moe_sys.config.section import Section
 
@@ -208,6 +209,7 @@ class Config(Section):
             if d.path is not None and not (os.path.exists(d.path + ".bin") and os.path.exists(d.path + ".idx")):
                 problems.append(f"data.domains.{i}.path: no indexed dataset at {d.path!r} (.bin/.idx); "
                                 "build one with `moe-sys prepare-data`")
+        problems += vocab_problems(m.vocab_size, self.data.domains)
         problems += self.adapters.problems(p.ep_size, names)
         world = world_size or p.procs
         if world % p.ep_size:

@@ -30,7 +30,7 @@ import torch
 
 from moe_sys.data.corpus import DOMAINS, default_cache_root, ensure_corpus
 from moe_sys.data.indexed import file_lock
-from moe_sys.data.tokenizer import ByteTokenizer
+from moe_sys.data.bpe import tokenizer_for
 
 
 class DomainBlendDataset(torch.utils.data.Dataset):
@@ -151,7 +151,7 @@ def _gpt_config(prefix: str, seq_len: int, seed: int, split: str, index_dir: Pat
         blend=([prefix], None),
         split=split,
         path_to_cache=str(index_dir),
-        tokenizer=ByteTokenizer(),
+        tokenizer=tokenizer_for(prefix),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,  # predicting the end of a document is part of the task

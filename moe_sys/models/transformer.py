@@ -40,6 +40,23 @@ def apply_rotary(x_BHSd, cos_Sh, sin_Sh):
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+@dataclass
+class KVCache:
+    """One layer's keys and values of the positions seen so far (generation): k_BhSd, v_BhSd."""
+
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k_BhSd: torch.Tensor, v_BhSd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.k = k_BhSd if self.k is None else torch.cat([self.k, k_BhSd], dim=2)
+        self.v = v_BhSd if self.v is None else torch.cat([self.v, v_BhSd], dim=2)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads (n_kv_heads <= n_heads share K/V in groups).
 
@@ -74,17 +91,25 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def forward(self, x_BSD, cos, sin, prefix_kv: Optional[Tuple[torch.Tensor, ...]] = None):
+    def forward(self, x_BSD, cos, sin, prefix_kv: Optional[Tuple[torch.Tensor, ...]] = None,
+                cache: Optional[KVCache] = None):
         """prefix_kv: (k_BHPd, v_BHPd, visible_BP), P extra key/value positions before the sequence that
-        every query may attend to where visible (prefix tuning); they carry no rotary position."""
+        every query may attend to where visible (prefix tuning); they carry no rotary position.
+        cache: the keys/values of earlier positions (generation); x_BSD continues after them."""
         B, S, _ = x_BSD.shape
         q, k, v = self._heads(x_BSD)
-        q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
+        start = cache.length if cache is not None else 0
+        cos, sin = cos[start:start + S], sin[start:start + S]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
         group = self.n_heads // self.n_kv_heads
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if prefix_kv is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            # after a cached prefix, query s sees every earlier position and the new ones up to s
+            mask_SK = None if start == 0 else torch.ones(S, start + S, dtype=torch.bool, device=q.device).tril(start)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0, attn_mask=mask_SK)
         else:
             k_p, v_p, visible_BP = prefix_kv
             causal_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).tril()
@@ -140,8 +165,9 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(d_model, eps), attn
         self.ffn_norm, self.ffn = RMSNorm(d_model, eps), ffn
 
-    def forward(self, x_BSD, cos, sin, ctx: RoutingContext):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD, cos, sin, ctx: RoutingContext, cache: Optional[KVCache] = None):
+        h_BSD = self.attn_norm(x_BSD)
+        x_BSD = x_BSD + (self.attn(h_BSD, cos, sin) if cache is None else self.attn(h_BSD, cos, sin, cache=cache))
         if returns_routing(self.ffn):
             h, routing = self.ffn(self.ffn_norm(x_BSD), ctx)
             return x_BSD + h, routing
@@ -188,14 +214,15 @@ class TransformerLM(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
     def forward(self, tokens_BS: torch.Tensor, domain_B: Optional[torch.Tensor] = None,
-                mask_BS: Optional[torch.Tensor] = None) -> LMOutput:
-        """domain_B / mask_BS reach the routers (example- and task-level routing, padding)."""
+                mask_BS: Optional[torch.Tensor] = None, caches: Optional[List[KVCache]] = None) -> LMOutput:
+        """domain_B / mask_BS reach the routers (example- and task-level routing, padding);
+        caches: one KVCache per layer when generating (tokens_BS continue the cached positions)."""
         x = self.embed(tokens_BS)
         ctx = RoutingContext(tuple(tokens_BS.shape), domain_B, mask_BS)
         routings = []
         with batch_scope(ctx):
-            for layer in self.layers:
-                x, routing = layer(x, self.rope_cos, self.rope_sin, ctx)
+            for i, layer in enumerate(self.layers):
+                x, routing = layer(x, self.rope_cos, self.rope_sin, ctx, caches[i] if caches is not None else None)
                 if routing is not None:
                     routings.append(routing)
         return LMOutput(self.head(self.norm(x)), routings)

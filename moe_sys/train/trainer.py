@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from typing import Dict, List, Tuple
 
@@ -177,9 +178,13 @@ def _checkpoint_due(cfg: Config, step: int, last: int) -> bool:
 
 
 def _prepare_run_dir(cfg: Config, rank: int) -> None:
-    """Create the run directory and save the resolved config beside the metrics it produced."""
+    """Create the run directory and save the resolved config (and the data's BPE tokenizer, which
+    `generate` and `convert to-hf` read) beside the metrics it produced."""
     if rank == 0:
         os.makedirs(cfg.logging.run_dir, exist_ok=True)
         with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
+        tokenizers = [d.path + ".tokenizer.json" for d in cfg.data.domains if d.path]
+        if tokenizers and os.path.exists(tokenizers[0]):  # the config check made every domain share it
+            shutil.copy(tokenizers[0], os.path.join(cfg.logging.run_dir, "tokenizer.json"))
     dist.barrier()

@@ -20,7 +20,7 @@ from moe_sys.config import load_config  # noqa: E402
 from moe_sys.models.transformer import TransformerLM  # noqa: E402
 from moe_sys.weights.io import load_model_weights  # noqa: E402
 
-V = 97
+V = 300  # >= 256: the default (embedded, byte-level) data must fit the vocabulary
 COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=48, max_position_embeddings=64)
 MOE = dict(num_experts=4, num_experts_per_tok=2)
