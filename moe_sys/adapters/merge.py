@@ -4,12 +4,17 @@ Every method works per tensor on task vectors tau_i = theta_i - theta_0 (theta_0
 zeros for adapters, whose parameters already are deltas) and returns theta_0 + lambda * merged:
   average          sum_i w_i tau_i / sum_i w_i, lambda = 1: the weighted average of the models
   task_arithmetic  sum_i w_i tau_i (Ilharco et al. 2023)
-  ties             trim each tau_i to its top-``density`` magnitudes, elect each entry's sign as the sign
-                   of the sum, average the entries that agree with it (Yadav et al. 2023)
+  ties             trim each tau_i to its top int(density * n) magnitudes, elect each entry's sign, average
+                   the weighted entries that agree with it (Yadav et al. 2023); ``sign`` picks whose rule:
+                   "peft" (default, peft.utils.merge_utils): the sign of the unweighted sum (>= 0 -> +),
+                   mean = sum of agreeing w_i tau_i / number agreeing; "mergekit": the sign of the
+                   weighted sum, mean = sum of agreeing w_i tau_i / sum of agreeing w_i
   dare_linear      drop each entry of tau_i with probability 1 - density and rescale the rest by
                    1/density (Yu et al. 2024), then task arithmetic
   dare_ties        DARE's drop and rescale, then TIES' sign election and disjoint mean
-Trimming keeps the top entries of each tensor (as PEFT), not of the whole task vector.
+Trimming keeps the top entries of each tensor (as PEFT), not of the whole task vector, and of each slot
+or expert of a stacked bank (keys whose shape suffix starts with N or E, e.g. ``A_NIR``, ``w_up_EDF``):
+each slot's adapter and each expert is its own tensor to PEFT and mergekit.
 
 LoRA adapters merge on their full deltas A_i B_i per slot, never on A and B apart (an average of
 products is not the product of averages); the merged delta is factored back to rank ``rank`` by SVD
@@ -45,10 +50,12 @@ class MergeOptions:
     lam: float = 1.0  # lambda (ignored by average)
     density: float = 0.2  # fraction of each task vector TIES keeps / DARE keeps
     seed: int = 0  # DARE's drop masks
+    sign: str = "peft"  # TIES / DARE-TIES sign election and mean: "peft" or "mergekit" (module docstring)
 
 
-def merge_deltas(tau_M: torch.Tensor, opts: MergeOptions, generator: torch.Generator) -> torch.Tensor:
-    """[M, ...] task vectors of one tensor -> the merged delta [...] (before lambda)."""
+def merge_deltas(tau_M: torch.Tensor, opts: MergeOptions, generator: torch.Generator, banked: bool = False):
+    """[M, ...] task vectors of one tensor -> the merged delta [...] (before lambda).
+    banked: dim 1 stacks slots or experts, each trimmed on its own."""
     w_M = torch.tensor(opts.weights if opts.weights is not None else [1.0] * tau_M.shape[0], dtype=tau_M.dtype)
     if opts.method == "average":
         w_M = w_M / w_M.sum()
@@ -57,18 +64,40 @@ def merge_deltas(tau_M: torch.Tensor, opts: MergeOptions, generator: torch.Gener
     if opts.method in ("average", "task_arithmetic", "dare_linear"):
         return torch.tensordot(w_M, tau_M, dims=1)
     if opts.method == "ties":
-        tau_M = _keep_top(tau_M, opts.density)
-    tau_M = tau_M * w_M.view(-1, *[1] * (tau_M.dim() - 1))
-    agree_M = (torch.sign(tau_M) == torch.sign(tau_M.sum(0))) & (tau_M != 0)
-    return (tau_M * agree_M).sum(0) / agree_M.sum(0).clamp_min(1)
+        tau_M = _keep_top(tau_M, opts.density, 2 if banked and tau_M.dim() > 2 else 1)
+    return SIGN_RULES[opts.sign](tau_M, w_M.view(-1, *[1] * (tau_M.dim() - 1)))
 
 
-def _keep_top(tau_M: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the ceil(density * n) largest-magnitude entries of each task vector's tensor."""
-    flat = tau_M.reshape(tau_M.shape[0], -1)
-    n = flat.shape[1]
-    threshold = flat.abs().kthvalue(n - max(1, math.ceil(density * n)) + 1, dim=1, keepdim=True).values
-    return (flat * (flat.abs() >= threshold)).view_as(tau_M)
+def _peft_sign(tau_M: torch.Tensor, w_M: torch.Tensor) -> torch.Tensor:
+    """peft.utils.merge_utils: majority sign of the unweighted sum (ties go +), mean over the agreeing."""
+    agree_M = torch.sign(tau_M) == torch.where(tau_M.sum(0) >= 0, 1.0, -1.0)
+    return (tau_M * w_M * agree_M).sum(0) / agree_M.sum(0).clamp_min(1)
+
+
+def _mergekit_sign(tau_M: torch.Tensor, w_M: torch.Tensor) -> torch.Tensor:
+    """mergekit's generalized_task_arithmetic: sign of the weighted sum, divided by the agreeing weights."""
+    weighted_M = tau_M * w_M
+    agree_M = (torch.sign(weighted_M) == torch.sign(weighted_M.sum(0))) & (tau_M != 0)
+    divisor = (w_M * agree_M).sum(0)
+    return (weighted_M * agree_M).sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+SIGN_RULES = {"peft": _peft_sign, "mergekit": _mergekit_sign}
+
+
+def _keep_top(tau_M: torch.Tensor, density: float, lead: int = 1) -> torch.Tensor:
+    """Zero all but the int(density * n) largest-magnitude entries (PEFT, mergekit) of each of the
+    first ``lead`` dims' slices (1: per task vector; 2: per task vector and slot/expert)."""
+    flat = tau_M.reshape(*tau_M.shape[:lead], -1)
+    k = int(density * flat.shape[-1])
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, flat.abs().topk(k, dim=-1).indices, True)
+    return (flat * keep).view_as(tau_M)
+
+
+def is_bank(key: str, tensor: torch.Tensor) -> bool:
+    """A stacked bank of slots or experts: its shape suffix (``_NIR``, ``_EDF``) starts with N or E."""
+    suffix = key.rsplit("_", 1)[-1]
+    return len(suffix) == tensor.dim() and suffix[0] in "NE" and suffix.isalpha() and suffix.isupper()
 
 
 def merge_states(states: List[Dict[str, torch.Tensor]], opts: MergeOptions,
@@ -76,6 +105,8 @@ def merge_states(states: List[Dict[str, torch.Tensor]], opts: MergeOptions,
     """theta_0 + lambda * merged(tau) for every tensor (base None = zeros). Math in fp32."""
     if opts.method not in METHODS:
         raise ValueError(f"unknown merge method {opts.method!r}; choose from {METHODS}")
+    if opts.sign not in SIGN_RULES:
+        raise ValueError(f"unknown sign convention {opts.sign!r}; choose from {tuple(SIGN_RULES)}")
     generator = torch.Generator().manual_seed(opts.seed)
     lam = 1.0 if opts.method == "average" else opts.lam
     out = {}
@@ -83,7 +114,8 @@ def merge_states(states: List[Dict[str, torch.Tensor]], opts: MergeOptions,
         _check_same(key, states, base)
         theta0 = base[key].float() if base is not None else torch.zeros_like(first, dtype=torch.float32)
         tau_M = torch.stack([s[key].float() - theta0 for s in states])
-        out[key] = (theta0 + lam * merge_deltas(tau_M, opts, generator)).to(first.dtype)
+        merged = merge_deltas(tau_M, opts, generator, banked=is_bank(key, first))
+        out[key] = (theta0 + lam * merged).to(first.dtype)
     return out
 
 
@@ -110,12 +142,12 @@ def merge_adapters(inputs: Sequence[str], out: str, opts: MergeOptions, rank: Op
         raise ValueError("adapters merge only when their specs (types, targets, sizes) are the same")
     states = [load_file(os.path.join(d, ADAPTER_FILE)) for d in inputs]
     lora_keys = {k[:-len("A_NIR")] for k in states[0] if k.endswith("A_NIR")}
-    products = [{p + "AB": s[p + "A_NIR"] @ s[p + "B_NRO"] for p in lora_keys} for s in states]
+    products = [{p + "AB_NIO": s[p + "A_NIR"] @ s[p + "B_NRO"] for p in lora_keys} for s in states]
     rest = [{k: v for k, v in s.items() if k[:-len("A_NIR")] not in lora_keys} for s in states]
     merged = merge_states(rest, opts)
     kept = 1.0
     for key, delta_NIO in merge_states(products, opts).items():
-        prefix = key[:-len("AB")]
+        prefix = key[:-len("AB_NIO")]
         r = rank or len(states) * states[0][prefix + "A_NIR"].shape[-1]
         merged[prefix + "A_NIR"], merged[prefix + "B_NRO"], share = _factor(delta_NIO, r)
         kept = min(kept, share)
