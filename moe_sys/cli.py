@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "or upcycle a dense model into an MoE one"))
     p = sub.add_parser("convert", help="Hugging Face <-> moe_sys: from-hf HF_DIR (config.json + safetensors), "
                                        "to-hf RUN_DIR (a run or a from-hf output)")
-    p.add_argument("direction", choices=["from-hf", "to-hf"])
-    p.add_argument("source", help="from-hf: a Hugging Face model dir; to-hf: a run dir with config.yaml")
+    p.add_argument("direction", choices=["from-hf", "to-hf", "lora-to-peft", "lora-from-peft"])
+    p.add_argument("source", help="from-hf: a Hugging Face model dir; to-hf: a run dir with config.yaml; "
+                                  "lora-to-peft: an adapter dir; lora-from-peft: a PEFT adapter dir")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--base", help="lora-*: the base model's dir (a from-hf output or run dir with config.yaml)")
     p = sub.add_parser("generate", help="sample text from a run dir, a convert dir or a Hugging Face dir")
     p.add_argument("model", help="RUN_DIR (config.yaml + checkpoint or model.safetensors) or HF_DIR (config.json)")
     p.add_argument("--prompt", required=True)
@@ -180,8 +182,11 @@ def _convert(args) -> int:
     from moe_sys.weights import hf_write
 
     try:
-        convert = hf_write.from_hf if args.direction == "from-hf" else hf_write.to_hf
-        print(convert(args.source, args.out))
+        if args.direction in ("from-hf", "to-hf"):
+            convert = hf_write.from_hf if args.direction == "from-hf" else hf_write.to_hf
+            print(convert(args.source, args.out))
+        else:
+            print(hf_write.convert_lora(args.direction, args.source, args.base, args.out))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -141,3 +141,20 @@ def to_hf(run_dir: str, out: str, weights: Optional[str] = None) -> str:
             json.dump(hf_config(cfg, family, dtype), f, indent=2)
         copy_tokenizer(run_dir, tmp)
     return f"wrote {out} as {family.architecture} ({len(hf_state)} tensors)"
+
+
+def convert_lora(direction: str, source: str, base: Optional[str], out: str) -> str:
+    """``convert lora-to-peft`` / ``lora-from-peft``: a LoRA between moe_sys's adapter dir and PEFT's."""
+    from moe_sys.weights import peft_lora
+
+    if base is None:
+        raise HFConversionError(f"convert {direction}: --base (the base model's dir with config.yaml) is required")
+    cfg = load_config(os.path.join(base, "config.yaml"))
+    cfg = cfg.model_copy(update={"adapters": type(cfg.adapters)()})  # the family of the base model alone
+    family = pick_family(cfg)
+    with staged(out) as tmp:
+        if direction == "lora-to-peft":
+            peft_lora.export_lora(source, cfg, family, tmp)
+        else:
+            peft_lora.import_lora(source, cfg, family, tmp)
+    return f"wrote {out} ({direction}, {family.architecture} module names)"
