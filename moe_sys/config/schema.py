@@ -21,7 +21,8 @@ class ModelConfig(Section):
     d_model: int = Field(128, gt=0, description="hidden size D")
     n_layers: int = Field(4, gt=0)
     n_heads: int = Field(4, gt=0)
-    n_kv_heads: Optional[int] = Field(None, gt=0, description="key/value heads (grouped-query attention); None = n_heads")
+    n_kv_heads: Optional[int] = Field(None, gt=0, description="key/value heads (grouped-query attention); "
+                                      "None = n_heads")
     head_dim: Optional[int] = Field(None, gt=0, description="features per head; None = d_model / n_heads")
     qkv_bias: bool = Field(False, description="bias on the q/k/v projection (Qwen2)")
     qk_norm: Literal["none", "head", "full"] = Field(
@@ -144,7 +145,8 @@ class TrainConfig(Section):
     seed: int = 42
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     init_from: Optional[str] = Field(None, description="start from these model weights (run dir, DeepSpeed checkpoint "
-                                     "dir or .safetensors file); optimizer, schedule and step start fresh")
+                                     "dir, .safetensors file or Hugging Face model dir); optimizer, schedule and "
+                                     "step start fresh")
 
 
 class ParallelConfig(Section):

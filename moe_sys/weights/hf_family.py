@@ -85,9 +85,10 @@ def routed(hf: Dict[str, Any], num_experts_key: str, normalize: Optional[bool], 
     names = [k for k in (num_experts_key, "num_local_experts", "num_experts") if k in hf]  # transformers aliases them
     if not names:
         raise KeyError(num_experts_key)
+    router = {"type": "topk", "score": "softmax", "pre_softmax": True, "normalize": norm,
+              "jitter_eps": float(hf.get("router_jitter_noise", 0.0))}
     return {"enabled": True, "num_experts": hf[names[0]], "top_k": hf["num_experts_per_tok"],
-            "capacity_factor": None, "router": {"type": "topk", "score": "softmax", "pre_softmax": True,
-                                                "normalize": norm, "jitter_eps": float(hf.get("router_jitter_noise", 0.0))},
+            "capacity_factor": None, "router": router,
             "balance": {"losses": [{"type": "switch", "coef": coef}]}, **moe}
 
 

@@ -4,7 +4,7 @@ from moe_sys.weights.hf_family import Family, dense_model, hf_dense_fields, refu
 
 def to_moe_sys(hf, path):
     refuse_if(hf, path, "attention_bias", bool, "attention biases (q/k/v and o) are not implemented")
-    refuse_if(hf, path, "pretraining_tp", lambda v: v != 1, "tensor-parallel slicing of the checkpoint is not supported")
+    refuse_if(hf, path, "pretraining_tp", lambda v: v != 1, "tensor-parallel slicing is not supported")
     return {"model": dense_model(hf, path), "moe": {"enabled": False}}
 
 

@@ -1,6 +1,7 @@
 """Mixtral: every FFN an MoE block of top-k softmax experts, always renormalised; on disk the block is
 ``block_sparse_moe`` with experts w1 (gate), w3 (up), w2 (down)."""
-from moe_sys.weights.hf_family import Family, dense_model, hf_dense_fields, hf_routed_fields, refuse_if, register, routed
+from moe_sys.weights.hf_family import (Family, dense_model, hf_dense_fields, hf_routed_fields, refuse_if, register,
+                                       routed)
 
 
 def to_moe_sys(hf, path):

@@ -1,5 +1,6 @@
 """OLMoE: QK-norm over the full q and k widths, every FFN MoE with experts of intermediate_size."""
-from moe_sys.weights.hf_family import Family, dense_model, hf_dense_fields, hf_routed_fields, refuse_if, register, routed
+from moe_sys.weights.hf_family import (Family, dense_model, hf_dense_fields, hf_routed_fields, refuse_if, register,
+                                       routed)
 
 
 def to_moe_sys(hf, path):

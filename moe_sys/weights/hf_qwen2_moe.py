@@ -15,7 +15,8 @@ def to_hf(cfg):
     fields = hf_dense_fields(cfg)
     del fields["attention_bias"]
     return {**fields, **hf_routed_fields(cfg), **hf_sparse_placement(cfg), "num_experts": moe.num_experts,
-            "moe_intermediate_size": moe.d_expert or cfg.model.d_ff, "use_sliding_window": False, "qkv_bias": cfg.model.qkv_bias,
+            "moe_intermediate_size": moe.d_expert or cfg.model.d_ff, "use_sliding_window": False,
+            "qkv_bias": cfg.model.qkv_bias,
             "shared_expert_intermediate_size": moe.d_shared or moe.shared_experts * (moe.d_expert or cfg.model.d_ff)}
 
 

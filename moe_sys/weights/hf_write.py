@@ -42,9 +42,17 @@ def staged(out: str) -> Iterator[str]:
 
 
 def copy_tokenizer(src: str, dst: str) -> None:
+    """The tokenizer files beside a model; a bare tokenizer.json (moe_sys's BPE) gets the small
+    tokenizer_config.json transformers' AutoTokenizer needs."""
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    has_config = os.path.isfile(os.path.join(src, "tokenizer_config.json"))
+    if os.path.isfile(os.path.join(dst, "tokenizer.json")) and not has_config:
+        from moe_sys.data.bpe import EOD_TOKEN
+
+        with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN}, f, indent=2)
 
 
 def from_hf(hf_dir: str, out: str) -> str:
@@ -57,7 +65,8 @@ def from_hf(hf_dir: str, out: str) -> str:
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
         copy_tokenizer(hf_dir, tmp)
-    return f"wrote {out}/config.yaml and {out}/{SINGLE_FILE} ({len(state)} tensors); train with `moe-sys train {out}/config.yaml`"
+    return (f"wrote {out}/config.yaml and {out}/{SINGLE_FILE} ({len(state)} tensors); "
+            f"train with `moe-sys train {out}/config.yaml`")
 
 
 def pick_family(cfg: Config) -> Family:

@@ -65,6 +65,9 @@ def test_family_round_trip(kind, tmp_path):
     diff_S = (logits(ours, tokens) - expected).abs().amax(dim=(0, 2))
     assert diff_S.max() <= 1e-4, diff_S
     assert expected[:, 1:].abs().max() > 1.0  # not a degenerate model where every position agrees trivially
+    direct = TransformerLM(cfg.model, cfg.moe, num_domains=len(cfg.data.domains))
+    load_model_weights(direct, str(tmp_path / "hf"))  # train.init_from: HF_DIR reads the same weights
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), ours.state_dict().values()))
 
     assert main(["convert", "to-hf", str(tmp_path / "ms"), "--out", str(tmp_path / "back")]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
