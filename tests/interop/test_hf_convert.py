@@ -11,12 +11,14 @@ import os
 
 import pytest
 import torch
+import yaml
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from moe_sys.cli import main  # noqa: E402
 from moe_sys.config import load_config  # noqa: E402
+from moe_sys.config.loader import apply_override  # noqa: E402
 from moe_sys.models.transformer import TransformerLM  # noqa: E402
 from moe_sys.weights.io import load_model_weights  # noqa: E402
 
@@ -49,7 +51,7 @@ def tiny_hf(kind: str, seed: int = 0):
 def logits(model, tokens):
     with torch.no_grad():
         out = model(tokens)
-    return getattr(out, "logits_BSV", None) if hasattr(out, "logits_BSV") else out.logits
+    return out.logits_BSV if hasattr(out, "logits_BSV") else out.logits
 
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
@@ -103,10 +105,12 @@ def _refused(capsys, tmp_path, *needles):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".convert-")]
 
 
-def _edit_config(tmp_path, **fields):
+def _edit_config(tmp_path, drop=(), **fields):
     path = tmp_path / "hf" / "config.json"
     cfg = json.load(open(path))
     cfg.update(fields)
+    for key in drop:
+        del cfg[key]
     json.dump(cfg, open(path, "w"))
 
 
@@ -128,25 +132,17 @@ def test_bad_checkpoints_are_refused_in_one_line(tmp_path, capsys):
     _refused(capsys, tmp_path, shard, key, "shape")
 
 
-@pytest.mark.parametrize("fields, needles", [
-    ({"model_type": "gpt_oss"}, ["config.json", "model_type='gpt_oss'", "not supported"]),
-    ({"model_type": "deepseek_v3"}, ["config.json", "multi-head latent attention"]),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, ["config.json", "rope_type='yarn'"]),
-    ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, ["rope_scaling", "'linear'"]),
-    ({"hidden_act": "gelu"}, ["config.json", "hidden_act"]),
-    ({"num_attention_heads": None}, ["config.json", "num_attention_heads"]),
+@pytest.mark.parametrize("fields, drop, needles", [
+    ({"model_type": "gpt_oss"}, [], ["config.json", "model_type='gpt_oss'", "not supported"]),
+    ({"model_type": "deepseek_v3"}, [], ["config.json", "multi-head latent attention"]),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, [], ["config.json", "'yarn'"]),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, ["rope_parameters"], ["rope_scaling", "'linear'"]),
+    ({"hidden_act": "gelu"}, [], ["config.json", "hidden_act"]),
+    ({}, ["num_attention_heads"], ["config.json", "num_attention_heads"]),
 ])
-def test_config_fields_we_cannot_express_are_refused(tmp_path, capsys, fields, needles):
+def test_config_fields_we_cannot_express_are_refused(tmp_path, capsys, fields, drop, needles):
     tiny_hf("llama").save_pretrained(tmp_path / "hf")
-    _edit_config(tmp_path, **{k: v for k, v in fields.items() if v is not None})
-    if fields.get("num_attention_heads", 0) is None:
-        cfg = json.load(open(tmp_path / "hf" / "config.json"))
-        del cfg["num_attention_heads"]
-        json.dump(cfg, open(tmp_path / "hf" / "config.json", "w"))
-    if fields.get("rope_parameters", 0) is None:
-        cfg = json.load(open(tmp_path / "hf" / "config.json"))
-        del cfg["rope_parameters"]
-        json.dump(cfg, open(tmp_path / "hf" / "config.json", "w"))
+    _edit_config(tmp_path, drop, **fields)
     _refused(capsys, tmp_path, *needles)
 
 
@@ -156,26 +152,22 @@ def test_sliding_window_is_refused(tmp_path, capsys):
     _refused(capsys, tmp_path, "config.json", "sliding_window")
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("moe.router.type=expert_choice", "moe.router.type"),
-    ("moe.router.type=example", "moe.router.type"),
-    ("moe.balance.bias.enabled=true", "moe.balance.bias"),
+NONCAUSAL = ["moe.router.allow_noncausal=true", "moe.router.normalize=null"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["moe.router.type=expert_choice", *NONCAUSAL], "moe.router.type"),
+    (["moe.router.type=example", *NONCAUSAL], "moe.router.type"),
+    (["moe.balance.bias.enabled=true"], "moe.balance.bias"),
+    (["moe.router.score=sigmoid"], "moe.router.score"),
 ])
-def test_export_refuses_what_the_family_cannot_express(tmp_path, capsys, override, needle):
+def test_export_refuses_what_the_family_cannot_express(tmp_path, capsys, overrides, needle):
     tiny_hf("mixtral").save_pretrained(tmp_path / "hf")
     assert main(["convert", "from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ms")]) == 0
     path = tmp_path / "ms" / "config.yaml"
-    key, value = override.split("=")
-    text = open(path).read()
-    import yaml
-
-    raw = yaml.safe_load(text)
-    node = raw
-    for part in key.split(".")[:-1]:
-        node = node[part]
-    node[key.split(".")[-1]] = yaml.safe_load(value)
-    if value == "expert_choice" or value == "example":
-        raw["moe"]["router"].update(allow_noncausal=True, normalize=None)
+    raw = yaml.safe_load(open(path).read())
+    for item in overrides:
+        apply_override(raw, item)
     yaml.safe_dump(raw, open(path, "w"))
     capsys.readouterr()
     code = main(["convert", "to-hf", str(tmp_path / "ms"), "--out", str(tmp_path / "out")])
