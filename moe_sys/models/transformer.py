@@ -74,6 +74,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim or d_model // n_heads
         self.widths = (n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
         self.qkv = nn.Linear(d_model, sum(self.widths), bias=qkv_bias)
+        self.qkv.split_sizes = self.widths  # adapters on the fused projection (IA3) read where q ends
         self.proj = nn.Linear(self.widths[0], d_model, bias=False)
         self.qk_norm = qk_norm
         if qk_norm != "none":
