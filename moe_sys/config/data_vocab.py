@@ -23,8 +23,10 @@ def tokenizer_json_vocab(path: str) -> int:
     return max(ids) + 1
 
 
-def data_tokenizer(prefix: Optional[str]) -> Tuple[str, int]:
-    """(identity, vocab size) of a dataset's tokenizer; the embedded corpus (None) is bytes."""
+def data_tokenizer(prefix: Optional[str], embedded_bpe: Optional[int] = None) -> Tuple[str, int]:
+    """(identity, vocab size) of a dataset's tokenizer; the embedded corpus (None) is bytes or its BPE."""
+    if prefix is None and embedded_bpe is not None:
+        return f"embedded-bpe-{embedded_bpe}", embedded_bpe
     path = f"{prefix}{SUFFIX}" if prefix else None
     if path is None or not os.path.exists(path):
         return "bytes", BYTE_VOCAB
@@ -32,14 +34,14 @@ def data_tokenizer(prefix: Optional[str]) -> Tuple[str, int]:
         return hashlib.sha1(f.read()).hexdigest(), tokenizer_json_vocab(path)
 
 
-def vocab_problems(vocab_size: int, domains) -> List[str]:
+def vocab_problems(vocab_size: int, domains, embedded_bpe: Optional[int] = None) -> List[str]:
     """One line per domain whose tokenizer differs from the first's or has more ids than the model."""
     problems, first = [], None
     for i, d in enumerate(domains):
         if d.path is not None and not os.path.exists(f"{d.path}.idx"):
             continue  # reported as a missing dataset
-        identity, size = data_tokenizer(d.path)
-        where = f"{d.path}{SUFFIX}" if identity != "bytes" else "byte-level data"
+        identity, size = data_tokenizer(d.path, embedded_bpe)
+        where = f"{d.path}{SUFFIX}" if d.path and identity != "bytes" else identity
         if size > vocab_size:
             problems.append(f"model.vocab_size: {vocab_size} is smaller than data.domains.{i} ({d.name})'s "
                             f"tokenizer ({where}: {size} ids)")

@@ -127,6 +127,8 @@ class DataConfig(Section):
     seed: int = 1234
     valid_fraction: float = Field(0.02, gt=0, lt=1)
     cache_dir: Optional[str] = Field(None, description="where corpora and sample indices are cached; None = ~/.cache/moe_sys")
+    embedded_bpe: Optional[int] = Field(None, gt=256, description="tokenise the embedded corpus with a byte-level BPE "
+                                        "of this vocabulary, trained on it once and cached; None = bytes")
 
 
 class TrainConfig(Section):
@@ -211,7 +213,7 @@ class Config(Section):
             if d.path is not None and not (os.path.exists(d.path + ".bin") and os.path.exists(d.path + ".idx")):
                 problems.append(f"data.domains.{i}.path: no indexed dataset at {d.path!r} (.bin/.idx); "
                                 "build one with `moe-sys prepare-data`")
-        problems += vocab_problems(m.vocab_size, self.data.domains)
+        problems += vocab_problems(m.vocab_size, self.data.domains, self.data.embedded_bpe)
         problems += self.adapters.problems(p.ep_size, names)
         world = world_size or p.procs
         if world % p.ep_size:

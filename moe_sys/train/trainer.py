@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from typing import Dict, List, Tuple
 
@@ -20,7 +19,7 @@ from moe_sys.parallel import deepspeed_engine, launch_env
 from moe_sys.parallel.experts import shard_and_mark_experts
 from moe_sys.parallel.groups import create_expert_groups, init_distributed
 from moe_sys.train import checkpoint, signals
-from moe_sys.train.data_feed import build_feeds
+from moe_sys.train.data_feed import build_feeds, save_tokenizer
 from moe_sys.train.metrics import MetricsWriter
 from moe_sys.train.progress import Progress
 from moe_sys.weights import io as weights_io
@@ -44,6 +43,8 @@ def train(cfg: Config, resume: bool = False) -> List[Dict]:
 
     engine = _build_engine(cfg, world)
     train_feed, valid_batches = build_feeds(cfg, rank, world)
+    if rank == 0:
+        save_tokenizer(cfg, cfg.logging.run_dir)
     start = 0
     if resume:
         state = checkpoint.load(engine, cfg.logging.run_dir)
@@ -178,13 +179,9 @@ def _checkpoint_due(cfg: Config, step: int, last: int) -> bool:
 
 
 def _prepare_run_dir(cfg: Config, rank: int) -> None:
-    """Create the run directory and save the resolved config (and the data's BPE tokenizer, which
-    `generate` and `convert to-hf` read) beside the metrics it produced."""
+    """Create the run directory and save the resolved config beside the metrics it produced."""
     if rank == 0:
         os.makedirs(cfg.logging.run_dir, exist_ok=True)
         with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
-        tokenizers = [d.path + ".tokenizer.json" for d in cfg.data.domains if d.path]
-        if tokenizers and os.path.exists(tokenizers[0]):  # the config check made every domain share it
-            shutil.copy(tokenizers[0], os.path.join(cfg.logging.run_dir, "tokenizer.json"))
     dist.barrier()

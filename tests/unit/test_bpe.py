@@ -70,3 +70,20 @@ def test_bad_tokenizer_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: --tokenizer:") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out.bin").exists()
+
+
+def test_embedded_corpus_with_bpe(tmp_path):
+    from moe_sys.data._megatron import IndexedDataset
+    from moe_sys.data.corpus import DOMAINS, build_corpus
+
+    manifest = build_corpus(tmp_path, {"code": 40_000, "prose": 40_000, "data": 40_000}, bpe_vocab=400)
+    tok = BPETokenizer(str(tmp_path / "tokenizer.json"))
+    assert manifest["tokenizer"] == "bpe-400" and manifest["eod"] == tok.eod
+    for domain in DOMAINS:
+        data = IndexedDataset(str(tmp_path / domain))
+        assert data.index.dtype == np.uint16 and (tmp_path / f"{domain}.tokenizer.json").exists()
+        text = tok.detokenize(data[0][:-1])
+        assert tok.document(text).tolist() == data[0].tolist()
+    with pytest.raises(ConfigError, match="model.vocab_size: 256 is smaller than data.domains.0 .*embedded-bpe-400"):
+        load_config(None, ["data.embedded_bpe=400"])
+    assert load_config(None, ["data.embedded_bpe=400", "model.vocab_size=400"]).data.embedded_bpe == 400
