@@ -28,11 +28,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_sys.adapters.io import ADAPTER_FILE, MANIFEST_FILE, read_model_weights, save_model_weights
+from moe_sys.adapters.io import ADAPTER_FILE, MANIFEST_FILE
 from moe_sys.adapters.lora import lora_scale
 from moe_sys.adapters.merge_methods import METHODS, MergeOptions, check_options, merge_tensor
 from moe_sys.models.transformer import TransformerLM
 from moe_sys.moe.layer import MoELayer
+from moe_sys.weights.io import read_model_weights, save_model_weights
 
 
 def merge_states(states: List[Dict[str, torch.Tensor]], opts: MergeOptions,
