@@ -5,7 +5,8 @@ and GELU MLPs; a class token and learned absolute positions. Module names follow
 (``embed.proj``, ``blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2``, ``norm``), so
 pre-trained weights map almost one to one (moe_sys/weights/vit_timm.py, vit_hf.py) and adapter
 targets read like PUMA's sites (``blocks.*.attn``, ``blocks.*.mlp``). MoE blocks sit where the LM puts
-them (``moe.every`` / ``moe.first_moe_layer``), are built by the same ``build_moe_layer`` and are
+them (``moe.every`` / ``first_moe_layer`` / ``dense_layers``; V-MoE's "every other block of the last
+2n": first_moe_layer = L - 2n + 1, every = 2), are built by the same ``build_moe_layer`` and are
 expert-parallel the same way (moe_sys.parallel shards every MoELayer it finds).
 
 Legend: B batch, C channels, P patch side, N patches, S tokens (class token, any inserted prompt
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_sys.models.transformer import Attention, batch_scope, returns_routing
-from moe_sys.moe.layer import MoELayer, build_moe_layer, is_moe_layer
+from moe_sys.moe.layer import MoELayer, build_moe_layer
 from moe_sys.moe.routing import RouterOutput, RoutingContext
 
 
@@ -68,11 +69,13 @@ class MLP(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, mlp: nn.Module, eps: float, qkv_bias: bool):
+    def __init__(self, cfg, mlp: nn.Module):
+        """cfg: ModelConfig (width, heads and the attention keys the LM reads too)."""
         super().__init__()
-        self.norm1 = nn.LayerNorm(d_model, eps=eps)
-        self.attn = Attention(d_model, n_heads, qkv_bias=qkv_bias, proj_bias=True, causal=False)
-        self.norm2, self.mlp = nn.LayerNorm(d_model, eps=eps), mlp
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qkv_bias, cfg.qk_norm,
+                              cfg.norm_eps, proj_bias=True, causal=False)
+        self.norm2, self.mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps), mlp
 
     def forward(self, x_BSD: torch.Tensor, ctx: RoutingContext):
         x_BSD = x_BSD + self.attn(self.norm1(x_BSD))
@@ -97,17 +100,14 @@ class ViT(nn.Module):
         super().__init__()
         v = cfg.vit
         self.embed = PatchEmbedding(v.image_size, v.patch_size, v.in_channels, cfg.d_model)
-        self.blocks = nn.ModuleList(
-            ViTBlock(cfg.d_model, cfg.n_heads, self._mlp(i, cfg, moe_cfg, num_domains), cfg.norm_eps, v.qkv_bias)
-            for i in range(cfg.n_layers)
-        )
+        self.blocks = nn.ModuleList(ViTBlock(cfg, self._mlp(i, cfg, moe_cfg, num_domains)) for i in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.pool = v.pool
         self._init(cfg.init_std)
 
     @staticmethod
     def _mlp(i: int, cfg, moe_cfg, num_domains: int) -> nn.Module:
-        if not is_moe_layer(i, moe_cfg):
+        if not moe_cfg.is_moe_layer(i):
             return MLP(cfg.d_model, cfg.d_ff)
         return build_moe_layer(cfg.d_model, cfg.d_ff, moe_cfg, cfg.init_std, num_domains)
 

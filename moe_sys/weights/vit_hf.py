@@ -40,13 +40,16 @@ def model_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
         "d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
         "d_ff": hf["intermediate_size"], "norm_eps": hf.get("layer_norm_eps", 1e-12),
         "vit.image_size": hf.get("image_size", 224), "vit.patch_size": hf.get("patch_size", 16),
-        "vit.in_channels": hf.get("num_channels", 3), "vit.qkv_bias": hf.get("qkv_bias", True),
+        "vit.in_channels": hf.get("num_channels", 3), "qkv_bias": hf.get("qkv_bias", True),
     }
 
 
 def config_problems(directory: str, model_cfg) -> List[str]:
     """One line per way the directory cannot be loaded into the ViT of ``model_cfg`` (ModelConfig): missing
-    files, not a plain GELU ViT, a config.json value that differs from the model section's."""
+    files, not a plain GELU ViT, a config.json value that differs from the model section's. Not a
+    directory: none (a timm file, or a missing path config.paths reports)."""
+    if not os.path.isdir(directory):
+        return []
     config_path = os.path.join(directory, CONFIG_FILE)
     for needed in (config_path, os.path.join(directory, WEIGHTS_FILE)):
         if not os.path.isfile(needed):

@@ -74,7 +74,7 @@ def test_wrong_image_size_is_one_line():
 def test_config_errors_name_the_key_and_lm_default_is_unchanged():
     with pytest.raises(ConfigError, match=r"^model.vit.image_size: 30 is not divisible by model.vit.patch_size=4$"):
         load_config(None, ["model.arch=vit", "model.vit.image_size=30", "moe.enabled=false"])
-    with pytest.raises(ConfigError, match=r"^model.vit.pretrained: no file or directory at 'nowhere.pth'$"):
+    with pytest.raises(ConfigError, match=r"^model.vit.pretrained: 'nowhere.pth' does not exist$"):
         load_config(None, ["model.arch=vit", "model.vit.pretrained=nowhere.pth"])
     with pytest.raises(ValueError, match="not divisible"):
         ViT(vit_config(vit={"image_size": 18}).model, Config().moe)

@@ -17,9 +17,9 @@ SHAPES = [dict(image=32, patch=4, layers=2, dim=64, heads=4, ff=128, chans=1, qk
 def _config(s, eps, path):
     return Config.model_validate({
         "model": {"arch": "vit", "d_model": s["dim"], "n_layers": s["layers"], "n_heads": s["heads"], "d_ff": s["ff"],
-                  "norm_eps": eps, "vit": {"image_size": s["image"], "patch_size": s["patch"],
-                                           "in_channels": s["chans"], "qkv_bias": s["qkv_bias"], "pool": s["pool"],
-                                           "pretrained": path}},
+                  "norm_eps": eps, "qkv_bias": s["qkv_bias"],
+                  "vit": {"image_size": s["image"], "patch_size": s["patch"], "in_channels": s["chans"],
+                          "pool": s["pool"], "pretrained": path}},
         "moe": {"enabled": False}})
 
 
@@ -93,7 +93,8 @@ def test_hf_config_mismatch_is_one_line_naming_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"config.json: gives model.norm_eps = 1e-12, but the config has 1e-06"):
         build_vit(_config(shape, 1e-6, str(tmp_path)))
     overrides = [f"model.{k}={v}" for k, v in {"arch": "vit", "d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128,
-                                               "norm_eps": 1e-12, "vit.patch_size": 8, "moe.enabled": False}.items()]
+                                               "norm_eps": 1e-12, "qkv_bias": True, "vit.patch_size": 8,
+                                               "moe.enabled": False}.items()]
     overrides = [o.replace("model.moe.", "moe.") for o in overrides] + [f"model.vit.pretrained={tmp_path}"]
     with pytest.raises(ConfigError, match=r"^\S+config.json: gives model.vit.patch_size = 4, but the config has 8$"):
         load_config(None, overrides)  # caught when the config is read: the CLI's one line, exit code 2
