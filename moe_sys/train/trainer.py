@@ -14,7 +14,7 @@ from moe_sys.config import Config, dump_config
 from moe_sys.adapters import io as adapter_io
 from moe_sys.adapters.inject import inject
 from moe_sys.models.transformer import TransformerLM, lm_loss, token_losses
-from moe_sys.moe import balance, observe
+from moe_sys.moe import balance, observe, recompute
 from moe_sys.parallel import deepspeed_engine, launch_env
 from moe_sys.parallel.experts import shard_and_mark_experts
 from moe_sys.parallel.groups import create_expert_groups, init_distributed
@@ -80,6 +80,7 @@ def _build_engine(cfg: Config, world: int):
     """Single-device model (+ its starting weights) -> shard and mark experts -> adapters -> DeepSpeed
     engine, once, in this order."""
     model = TransformerLM(cfg.model, cfg.moe, num_domains=len(cfg.data.domains))
+    recompute.enable(model, cfg.train.activation_checkpointing)
     if cfg.train.init_from:
         adapter_io.load_model_weights(model, cfg.train.init_from)
     groups = create_expert_groups(cfg.parallel.ep_size)
