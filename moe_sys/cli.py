@@ -84,6 +84,10 @@ def _train(args) -> int:
     launch = launch_env.detect()
     world = launch.world_size if launch.launcher != "none" else None
     cfg = load_config(args.config, args.overrides, world_size=world)
+    from moe_sys.parallel.deepspeed_engine import dtype_problem
+
+    if dtype_problem(cfg):  # before any rank starts
+        raise ConfigError(dtype_problem(cfg))
     if launch.launcher == "none":
         from moe_sys.parallel.local_launch import run_local
 

@@ -10,7 +10,7 @@ another expert-parallel size.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,22 @@ def build_ds_config(cfg, world_size: int) -> Dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     return deep_merge(ds, cfg.deepspeed)
+
+
+def dtype_problem(cfg) -> Optional[str]:
+    """One line if DeepSpeed cannot train in ``train.dtype`` on this machine's accelerator, else None.
+
+    bf16 keeps fp32 master weights in DeepSpeed's optimizer; fp16 adds dynamic loss scaling (DeepSpeed's
+    ``fp16.loss_scale: 0`` default), which DeepSpeed offers only where its accelerator supports fp16
+    (on CPU: only with oneDNN fp16 support, which most CPUs lack).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if cfg.train.dtype == "fp16" and not accelerator.is_fp16_supported():
+        return (f"train.dtype: fp16 is not supported by DeepSpeed on this machine's {accelerator.device_name()} "
+                "accelerator; use bf16 (fp32 master weights) or fp32")
+    return None
 
 
 def register_moe_layers(model: nn.Module, groups: ExpertGroups) -> None:
