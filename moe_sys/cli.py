@@ -37,9 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--slurm", action="store_true", help="submit the unfinished points as a SLURM job array")
     mode.add_argument("--report-only", action="store_true", help="only write the results of the runs so far")
+    _plan_args(sub.add_parser("plan", help="per-rank memory, all-to-all cost and fit of a config on N GPUs"))
     _merge_args(sub.add_parser("merge", help="merge models or adapters (average, task arithmetic, TIES, DARE), "
                                              "or upcycle a dense model into an MoE one"))
     return parser
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (world size = gpus x nodes)")
+    p.add_argument("--gpu-memory", type=float, required=True, metavar="GiB", help="memory of one GPU")
+    p.add_argument("--link-gbps", type=float, default=25.0, metavar="GB/s",
+                   help="all-to-all bandwidth per rank, sent + received (default 25 GB/s, ~ one 200 Gb/s NIC)")
+    p.add_argument("--from-run", metavar="RUN_DIR", help="simulate the expert loads this run measured at larger EP")
+    p.add_argument("--ep-sizes", default="8,64,256", help="EP sizes for --from-run (comma-separated)")
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
@@ -173,7 +185,21 @@ def _plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot, "sweep": _sweep,
+def _plan(args) -> int:
+    from moe_sys.plan.report import run
+
+    world = args.gpus * args.nodes
+    cfg = load_config(args.config, args.overrides, world_size=world)
+    try:
+        ep_sizes = [int(v) for v in args.ep_sizes.split(",")]
+        print(run(cfg, args.gpus, args.nodes, args.gpu_memory, args.link_gbps, args.from_run, ep_sizes))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"plan": _plan, "train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot, "sweep": _sweep,
             "merge": _merge}
 
 if __name__ == "__main__":

@@ -130,6 +130,11 @@ class Block(nn.Module):
         return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None
 
 
+def is_moe_layer(i: int, moe_cfg) -> bool:
+    """Does layer i hold an MoE block (moe.enabled, first_moe_layer, every)?"""
+    return moe_cfg.enabled and i >= moe_cfg.first_moe_layer and (i - moe_cfg.first_moe_layer) % moe_cfg.every == 0
+
+
 @dataclass
 class LMOutput:
     logits_BSV: torch.Tensor
@@ -156,8 +161,7 @@ class TransformerLM(nn.Module):
 
     @staticmethod
     def _ffn(i: int, cfg, moe_cfg, num_domains: int) -> nn.Module:
-        is_moe = moe_cfg.enabled and i >= moe_cfg.first_moe_layer and (i - moe_cfg.first_moe_layer) % moe_cfg.every == 0
-        if not is_moe:
+        if not is_moe_layer(i, moe_cfg):
             return SwiGLU(cfg.d_model, cfg.d_ff)
         return build_moe_layer(cfg.d_model, cfg.d_ff, moe_cfg, cfg.init_std, num_domains)
 
