@@ -14,7 +14,6 @@ from typing import Dict, List
 
 import torch
 
-from moe_sys.models.transformer import is_moe_layer
 from moe_sys.plan.memory import DTYPE_BYTES
 
 
@@ -23,7 +22,7 @@ def a2a_bytes_per_step(cfg, ep_size: int, imbalance: float = 1.0) -> float:
     m, moe = cfg.model, cfg.moe
     if ep_size == 1:
         return 0.0
-    moe_layers = sum(is_moe_layer(i, moe) for i in range(m.n_layers))
+    moe_layers = sum(moe.is_moe_layer(i) for i in range(m.n_layers))
     rows = cfg.train.micro_batch_size * cfg.data.seq_len * moe.top_k
     per_exchange = rows * m.d_model * DTYPE_BYTES[cfg.train.dtype] * (ep_size - 1) / ep_size
     # dispatch: sends its own rows (x1), receives imbalance x; combine the reverse; forward and backward

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_sys.models.transformer import TransformerLM, is_moe_layer
+from moe_sys.models.transformer import TransformerLM
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32_STATE_BYTES = 16  # master weights, Adam m and v, fp32 gradient partition (DeepSpeed's estimate)
@@ -64,12 +64,12 @@ def activation_bytes(cfg, checkpointing: str) -> float:
     """Bytes kept for backward by one micro-batch (and the logits gradient), for one rank."""
     m, moe, w = cfg.model, cfg.moe, DTYPE_BYTES[cfg.train.dtype]
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    layers = [_layer_floats(cfg, is_moe_layer(i, moe)) for i in range(m.n_layers)]
+    layers = [_layer_floats(cfg, moe.is_moe_layer(i)) for i in range(m.n_layers)]
     if checkpointing == "full":  # each block's input, plus one block recomputed at a time
         kept = m.n_layers * m.d_model + max(layers)
     elif checkpointing == "moe":
         kept = sum(layers) - sum(moe.top_k * 4 * (moe.d_expert or m.d_ff)
-                                 for i in range(m.n_layers) if is_moe_layer(i, moe))
+                                 for i in range(m.n_layers) if moe.is_moe_layer(i))
     else:
         kept = sum(layers)
     head = m.vocab_size + 3 * m.d_model
