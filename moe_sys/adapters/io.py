@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from pydantic import TypeAdapter
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moe_sys.adapters.base import AdapterLayer
 from moe_sys.config.adapters import AnySpec
 from moe_sys.parallel.deepspeed_engine import stack_expert_keys
+from moe_sys.safe_load import load_safetensors, load_torch
 
 ADAPTER_FILE, MANIFEST_FILE, FORMAT = "adapters.safetensors", "manifest.json", 1
 
@@ -88,7 +89,7 @@ def read_manifest(directory: str) -> Dict[str, Any]:
 def load_adapter_weights(model: nn.Module, directory: str) -> None:
     """Copy saved adapter weights into the model's adapters (names and shapes must match; expert
     banks already sharded over EP take their own slice)."""
-    state = load_file(os.path.join(directory, ADAPTER_FILE))
+    state = load_safetensors(os.path.join(directory, ADAPTER_FILE))
     params = {f"{path}.{name}": (layer, p) for path, layer in model.named_modules() if isinstance(layer, AdapterLayer)
               for name, p in layer.adapter_parameters()}
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
@@ -111,12 +112,11 @@ def read_model_weights(path: str) -> Dict[str, torch.Tensor]:
     """A single-device state dict (expert banks stacked [E, ...]) from a .safetensors file, or from a
     DeepSpeed checkpoint: a run dir, its checkpoints/ dir (latest tag), or a tag dir."""
     if path.endswith(".safetensors"):
-        return load_file(path)
+        return load_safetensors(path)
     tag_dir = _tag_dir(path)
-    state = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
-                       weights_only=False)["module"]
+    state = load_torch(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))["module"]
     for expert_file in sorted(glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt"))):
-        state.update(torch.load(expert_file, map_location="cpu", weights_only=False))
+        state.update(load_torch(expert_file))
     return stack_expert_keys(state)
 
 
