@@ -16,13 +16,22 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set moe.top_k=1 (repeatable)")
 
 
+def _resume_mode(value: str) -> str:
+    import re
+
+    if value in ("auto", "strict") or re.fullmatch(r"step_\d{8,}", value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: --resume takes strict or a checkpoint name (step_00000100), "
+                                     "written --resume=VALUE; the config goes before it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-sys", description="Mixture-of-Experts training on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model (starts the deepspeed launcher if no launcher started us)")
     _config_args(p)
     run = p.add_mutually_exclusive_group()
-    run.add_argument("--resume", nargs="?", const="auto", metavar="strict|TAG",
+    run.add_argument("--resume", nargs="?", const="auto", type=_resume_mode, metavar="strict|step_N",
                      help="continue from the newest intact checkpoint (warns when it passes over a damaged one); "
                           "--resume=strict refuses any damage; --resume=step_N takes that checkpoint")
     run.add_argument("--overwrite", action="store_true",

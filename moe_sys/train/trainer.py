@@ -38,10 +38,10 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
         log.info("launcher: %s, %d ranks, expert-parallel size %d, backend %s", launch.launcher, world,
                  cfg.parallel.ep_size, dist.get_backend())
     ops.set_impl(cfg.ops.impl)
-    _prepare_run_dir(cfg, rank, bool(resume), overwrite)
     torch.manual_seed(cfg.train.seed)
 
     engine = _build_engine(cfg, world)
+    _prepare_run_dir(cfg, rank, bool(resume), overwrite)  # after the engine: it has set each rank's device
     train_feed, valid_batches = build_feeds(cfg, rank, world)
     start = 0
     if resume:
