@@ -25,5 +25,5 @@ for isa in $isas; do
       echo "$isa seed $run: FAILED ($log/$isa-$run.log)"; grep -m3 -E "^E |Error" "$log/$isa-$run.log"
     fi
   done
-  echo "$isa: $((runs - failed))/$runs runs passed ($("$python" -c 'import torch; print(torch.backends.cpu.get_cpu_capability())' 2>/dev/null || true))"
+  echo "$isa: $((runs - failed))/$runs runs passed (torch CPU capability: $(env "${isa_env[@]}" "$python" -c 'import torch; print(torch.backends.cpu.get_cpu_capability())'))"
 done
