@@ -5,27 +5,34 @@ loader can report every problem as one line naming the key.
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
 from pydantic import Field
 
+from moe_sys.config import paths
 from moe_sys.config.adapters import AdaptersConfig
+from moe_sys.config.data_vocab import vocab_problems
 from moe_sys.config.routing_rules import routing_problems
-from moe_sys.config.section import Section
+from moe_sys.config.section import Seed, Section
 
 
 class ModelConfig(Section):
-    vocab_size: int = Field(256, gt=0, description="256 = byte-level vocabulary of the embedded corpus")
+    vocab_size: int = Field(256, gt=0, lt=2**31, description="256 = byte-level vocabulary of the embedded corpus")
     d_model: int = Field(128, gt=0, description="hidden size D")
     n_layers: int = Field(4, gt=0)
     n_heads: int = Field(4, gt=0)
+    n_kv_heads: Optional[int] = Field(None, gt=0, description="key/value heads (grouped-query attention); "
+                                      "None = n_heads")
+    head_dim: Optional[int] = Field(None, gt=0, description="features per head; None = d_model / n_heads")
+    qkv_bias: bool = Field(False, description="bias on the q/k/v projection (Qwen2)")
+    qk_norm: Literal["none", "head", "full"] = Field(
+        "none", description="RMSNorm on queries and keys before rotary: per head (Qwen3) or over all heads (OLMoE)")
     d_ff: int = Field(256, gt=0, description="FFN hidden size F of dense blocks (and of experts unless moe.d_expert)")
     max_seq_len: int = Field(256, gt=0, description="longest sequence rotary tables are built for")
     rope_theta: float = Field(10000.0, gt=0)
-    norm_eps: float = Field(1e-5, gt=0)
+    norm_eps: float = Field(1e-5, gt=0, lt=1)
     tie_embeddings: bool = True
-    init_std: float = Field(0.02, gt=0)
+    init_std: float = Field(0.02, gt=0, lt=1)
 
 
 class RouterConfig(Section):
@@ -88,8 +95,17 @@ class MoEConfig(Section):
     shared_experts: int = Field(0, ge=0, description="always-on experts beside the routed ones (one dense FFN of "
                                 "shared_experts * expert width)")
     shared_gate: bool = Field(False, description="scale the shared experts' output by a learned per-token sigmoid")
+    d_shared: Optional[int] = Field(None, gt=0, description="width of the shared FFN; None = shared_experts * expert "
+                                    "width (Qwen2-MoE's shared_expert_intermediate_size)")
+    dense_layers: List[int] = Field(default_factory=list, description="layers whose FFN stays dense even where "
+                                    "first_moe_layer/every would make it MoE (Qwen-MoE's mlp_only_layers)")
     router: RouterConfig = Field(default_factory=RouterConfig)
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Does layer i hold an MoE block?"""
+        placed = i >= self.first_moe_layer and (i - self.first_moe_layer) % self.every == 0
+        return self.enabled and placed and i not in self.dense_layers
 
     def check(self, num_domains: int) -> List[str]:
         """Router/balance rules, one line each (see docs/routing.md)."""
@@ -97,7 +113,7 @@ class MoEConfig(Section):
 
 
 class DomainConfig(Section):
-    name: str
+    name: str = Field(min_length=1)
     path: Optional[str] = Field(None, description="indexed-dataset prefix (.bin/.idx); None = embedded corpus")
     weight: float = Field(1.0, gt=0)
 
@@ -105,12 +121,14 @@ class DomainConfig(Section):
 class DataConfig(Section):
     domains: List[DomainConfig] = Field(
         default_factory=lambda: [DomainConfig(name="code", weight=0.5), DomainConfig(name="prose", weight=0.3),
-                                 DomainConfig(name="data", weight=0.2)]
-    )
+                                 DomainConfig(name="data", weight=0.2)],
+        min_length=1)
     seq_len: int = Field(128, gt=0)
-    seed: int = 1234
+    seed: Seed = 1234
     valid_fraction: float = Field(0.02, gt=0, lt=1)
     cache_dir: Optional[str] = Field(None, description="where corpora and sample indices are cached; None = ~/.cache/moe_sys")
+    embedded_bpe: Optional[int] = Field(None, gt=256, description="tokenise the embedded corpus with a byte-level BPE "
+                                        "of this vocabulary, trained on it once and cached; None = bytes")
 
 
 class TrainConfig(Section):
@@ -120,23 +138,26 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, gt=0)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
-    warmup_steps: int = Field(20, ge=1, description="linear warm-up steps (DeepSpeed's WarmupCosineLR needs at least 1)")
+    warmup_steps: int = Field(20, ge=1, description="linear warm-up steps (DeepSpeed's WarmupCosineLR needs at least 1); "
+                                                   "more than train.steps warms up over all steps, with a log line")
     weight_decay: float = Field(0.1, ge=0)
-    betas: List[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
+    betas: List[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2, description="Adam's (beta1, beta2), in [0, 1)")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     eval_every: int = Field(50, gt=0)
     eval_batches: int = Field(4, gt=0)
-    seed: int = 42
+    seed: Seed = 42
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     init_from: Optional[str] = Field(None, description="start from these model weights (run dir, DeepSpeed checkpoint "
-                                     "dir or .safetensors file); optimizer, schedule and step start fresh")
+                                     "dir, .safetensors file or Hugging Face model dir); optimizer, schedule and "
+                                     "step start fresh")
 
 
 class ParallelConfig(Section):
     procs: int = Field(2, gt=0, description="local ranks `moe-sys train` launches when no launcher started it")
     ep_size: int = Field(2, gt=0, description="expert-parallel group size")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on GPU, gloo on CPU")
-    zero_stage: Literal[0, 1, 2] = 0
+    zero_stage: int = Field(0, ge=0, le=2, description="ZeRO stage 0, 1 or 2")
 
 
 class CheckpointConfig(Section):
@@ -146,7 +167,7 @@ class CheckpointConfig(Section):
 
 
 class LoggingConfig(Section):
-    run_dir: str = Field("runs/tiny", description="where the resolved config, metrics and checkpoints go")
+    run_dir: str = Field("runs/tiny", min_length=1, description="where the resolved config, metrics and checkpoints go")
     log_every: int = Field(10, gt=0)
     tensorboard: bool = True
     progress_bar: bool = True
@@ -172,8 +193,12 @@ class Config(Section):
         """Cross-field problems as (key, message) lines; empty when the config is consistent."""
         m, moe, p = self.model, self.moe, self.parallel
         problems = []
-        if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
+        if m.head_dim is None and (m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2):
             problems.append(f"model.n_heads: d_model={m.d_model} must split into {m.n_heads} heads of even size")
+        if m.head_dim is not None and m.head_dim % 2:
+            problems.append(f"model.head_dim: {m.head_dim} must be even (rotary pairs)")
+        if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+            problems.append(f"model.n_kv_heads: n_heads={m.n_heads} must be a multiple of n_kv_heads={m.n_kv_heads}")
         if moe.top_k > moe.num_experts:
             problems.append(f"moe.top_k: {moe.top_k} exceeds moe.num_experts={moe.num_experts}")
         if moe.num_experts % p.ep_size:
@@ -186,10 +211,8 @@ class Config(Section):
         names = [d.name for d in self.data.domains]
         if len(set(names)) != len(names):
             problems.append(f"data.domains: names must be unique, got {names}")
-        for i, d in enumerate(self.data.domains):
-            if d.path is not None and not (os.path.exists(d.path + ".bin") and os.path.exists(d.path + ".idx")):
-                problems.append(f"data.domains.{i}.path: no indexed dataset at {d.path!r} (.bin/.idx); "
-                                "build one with `moe-sys prepare-data`")
+        problems += paths.problems(self)
+        problems += vocab_problems(m.vocab_size, self.data.domains, self.data.embedded_bpe)
         problems += self.adapters.problems(p.ep_size, names)
         world = world_size or p.procs
         if world % p.ep_size:

@@ -19,9 +19,10 @@ from moe_sys.parallel import deepspeed_engine, launch_env
 from moe_sys.parallel.experts import shard_and_mark_experts
 from moe_sys.parallel.groups import create_expert_groups, init_distributed
 from moe_sys.train import checkpoint, run_dir, signals
-from moe_sys.train.data_feed import build_feeds
+from moe_sys.train.data_feed import build_feeds, save_tokenizer
 from moe_sys.train.metrics import MetricsWriter
 from moe_sys.train.progress import Progress
+from moe_sys.weights import io as weights_io
 
 log = logging.getLogger("moe_sys")
 
@@ -43,6 +44,8 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
     engine = _build_engine(cfg, world)
     _prepare_run_dir(cfg, rank, bool(resume), overwrite)  # after the engine: it has set each rank's device
     train_feed, valid_batches = build_feeds(cfg, rank, world)
+    if rank == 0:
+        save_tokenizer(cfg, cfg.logging.run_dir)
     start = 0
     if resume:
         settings = deepspeed_engine.optimizer_settings(engine)
@@ -84,7 +87,7 @@ def _build_engine(cfg: Config, world: int):
     engine, once, in this order."""
     model = TransformerLM(cfg.model, cfg.moe, num_domains=len(cfg.data.domains))
     if cfg.train.init_from:
-        adapter_io.load_model_weights(model, cfg.train.init_from)
+        weights_io.load_model_weights(model, cfg.train.init_from)
     groups = create_expert_groups(cfg.parallel.ep_size)
     shard_and_mark_experts(model, groups)
     if _has_adapters(cfg):

@@ -67,7 +67,7 @@ def test_deepspeed_checkpoint_engine_loads_through_the_safe_loader(tmp_path):
 
 
 def test_init_from_refuses_a_checkpoint_that_runs_code(tmp_path):
-    from moe_sys.adapters import io
+    from moe_sys.weights import io
     from tests.unit.test_adapters import tiny_lm
 
     marker = tmp_path / "marker"
