@@ -7,6 +7,7 @@ import sys
 from typing import List, Optional
 
 from moe_sys.config import ConfigError, dump_config, load_config
+from moe_sys.errors import UserError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -15,12 +16,26 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set moe.top_k=1 (repeatable)")
 
 
+def _resume_mode(value: str) -> str:
+    import re
+
+    if value in ("auto", "strict") or re.fullmatch(r"step_\d{8,}", value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: --resume takes strict or a checkpoint name (step_00000100), "
+                                     "written --resume=VALUE; the config goes before it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-sys", description="Mixture-of-Experts training on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model (starts the deepspeed launcher if no launcher started us)")
     _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", nargs="?", const="auto", type=_resume_mode, metavar="strict|step_N",
+                     help="continue from the newest intact checkpoint (warns when it passes over a damaged one); "
+                          "--resume=strict refuses any damage; --resume=step_N takes that checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh in a used run directory: the old one is moved aside to RUN_DIR.old-DATE")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
     p = sub.add_parser("config", help="print the resolved config")
     _config_args(p)
@@ -98,6 +113,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except UserError as e:  # a file or directory refused (damaged checkpoint, unsafe pickle, used run dir)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _setup_logging() -> None:
@@ -128,12 +146,26 @@ def _train(args) -> int:
     if launch.launcher == "none":
         from moe_sys.parallel.local_launch import run_local
 
+        resume = _before_ranks_start(cfg, args)
         sets = [item for o in args.overrides for item in ("--set", o)]
-        return run_local(cfg.parallel.procs, ["train", args.config, *sets, *(["--resume"] if args.resume else [])])
+        return run_local(cfg.parallel.procs, ["train", args.config, *sets, *([f"--resume={resume}"] if resume else [])])
     from moe_sys.train.trainer import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
+
+
+def _before_ranks_start(cfg, args) -> Optional[str]:
+    """The run-directory rules and the checkpoint to resume from, settled before any rank starts
+    (the ranks then get that checkpoint's tag); returns the tag or None."""
+    from moe_sys.train import checkpoint, run_dir
+
+    aside = run_dir.prepare(cfg.logging.run_dir, bool(args.resume), args.overwrite)
+    if aside:
+        print(f"moved the previous run in {cfg.logging.run_dir} to {aside}", file=sys.stderr)
+    if not args.resume:
+        return None
+    return checkpoint.choose(cfg.logging.run_dir, args.resume, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
 
 
 def _config(args) -> int:

@@ -117,6 +117,31 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg, world_si
     """deepspeed.initialize with our config; returns (engine, lr_scheduler)."""
     import deepspeed
 
+    from moe_sys.safe_load import make_engine_loads_safe
+
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=build_ds_config(cfg, world_size))
+    make_engine_loads_safe(engine)
     return engine, scheduler
+
+
+# Param-group entries that are state, not settings: the schedule recomputes the learning rate.
+_NOT_SETTINGS = ("params", "lr", "initial_lr")
+
+
+def optimizer_settings(engine) -> list:
+    """Each param group's settings as this run's config built them (betas, eps, weight decay...)."""
+    return [{k: v for k, v in group.items() if k not in _NOT_SETTINGS} for group in engine.optimizer.param_groups]
+
+
+def reapply_settings(engine, settings: list, grad_clip: float) -> None:
+    """``load_checkpoint`` restores the saved param groups' settings and ZeRO's ``clip_grad``; a resumed
+    run uses the values of its own config instead. The learning rate is recomputed by the schedule,
+    which is built from this config (only its position is restored), so ``train.lr``, warm-up and
+    the cosine floor apply too; with an unchanged config every value is the one saved (bit-exact)."""
+    groups = engine.optimizer.param_groups
+    for group, saved, lr in zip(groups, settings, engine.lr_scheduler.get_lr()):
+        group.update(saved)
+        group["lr"] = lr
+    if hasattr(engine.optimizer, "clip_grad"):  # ZeRO 1/2 keep their own copy of gradient_clipping
+        engine.optimizer.clip_grad = grad_clip
