@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -14,11 +14,11 @@ from moe_sys.config import Config, dump_config
 from moe_sys.adapters import io as adapter_io
 from moe_sys.adapters.inject import inject
 from moe_sys.models.transformer import TransformerLM, lm_loss, token_losses
-from moe_sys.moe import balance, observe
+from moe_sys.moe import balance, observe, recompute
 from moe_sys.parallel import deepspeed_engine, launch_env
 from moe_sys.parallel.experts import shard_and_mark_experts
 from moe_sys.parallel.groups import create_expert_groups, init_distributed
-from moe_sys.train import checkpoint, signals
+from moe_sys.train import checkpoint, run_dir, signals
 from moe_sys.train.data_feed import build_feeds, save_tokenizer
 from moe_sys.train.metrics import MetricsWriter
 from moe_sys.train.progress import Progress
@@ -27,8 +27,9 @@ from moe_sys.weights import io as weights_io
 log = logging.getLogger("moe_sys")
 
 
-def train(cfg: Config, resume: bool = False) -> List[Dict]:
-    """Run cfg.train.steps optimizer steps (continuing from the latest checkpoint if resume)."""
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> List[Dict]:
+    """Run cfg.train.steps optimizer steps; ``resume`` (a ``checkpoint.choose`` mode or tag) continues
+    from a checkpoint; ``overwrite`` moves a used run directory aside (``run_dir.prepare``)."""
     stop = signals.StopSignals()  # SIGTERM/SIGUSR1, even during setup: checkpoint at the next step, then stop
     launch = launch_env.detect()
     os.environ.update(launch_env.torch_env(launch))
@@ -38,16 +39,18 @@ def train(cfg: Config, resume: bool = False) -> List[Dict]:
         log.info("launcher: %s, %d ranks, expert-parallel size %d, backend %s", launch.launcher, world,
                  cfg.parallel.ep_size, dist.get_backend())
     ops.set_impl(cfg.ops.impl)
-    _prepare_run_dir(cfg, rank)
     torch.manual_seed(cfg.train.seed)
 
     engine = _build_engine(cfg, world)
+    _prepare_run_dir(cfg, rank, bool(resume), overwrite)  # after the engine: it has set each rank's device
     train_feed, valid_batches = build_feeds(cfg, rank, world)
     if rank == 0:
         save_tokenizer(cfg, cfg.logging.run_dir)
     start = 0
     if resume:
-        state = checkpoint.load(engine, cfg.logging.run_dir)
+        settings = deepspeed_engine.optimizer_settings(engine)
+        state = checkpoint.load(engine, cfg.logging.run_dir, resume)
+        deepspeed_engine.reapply_settings(engine, settings, cfg.train.grad_clip)
         start = state["step"]
         train_feed.load_state_dict(state["data"])
     writer = MetricsWriter(cfg.logging.run_dir, cfg.logging.tensorboard, start if resume else None) if rank == 0 else None
@@ -83,6 +86,7 @@ def _build_engine(cfg: Config, world: int):
     """Single-device model (+ its starting weights) -> shard and mark experts -> adapters -> DeepSpeed
     engine, once, in this order."""
     model = TransformerLM(cfg.model, cfg.moe, num_domains=len(cfg.data.domains))
+    recompute.enable(model, cfg.train.activation_checkpointing)
     if cfg.train.init_from:
         weights_io.load_model_weights(model, cfg.train.init_from)
     groups = create_expert_groups(cfg.parallel.ep_size)
@@ -178,10 +182,16 @@ def _checkpoint_due(cfg: Config, step: int, last: int) -> bool:
     return (every > 0 and step % every == 0) or (step == last and cfg.checkpoint.save_final)
 
 
-def _prepare_run_dir(cfg: Config, rank: int) -> None:
-    """Create the run directory and save the resolved config beside the metrics it produced."""
-    if rank == 0:
+def _prepare_run_dir(cfg: Config, rank: int, resume: bool, overwrite: bool) -> None:
+    """Apply the run-directory rules (rank 0 decides for all), create the directory and save the
+    resolved config beside the metrics it produced."""
+
+    def prepare():
+        aside = run_dir.prepare(cfg.logging.run_dir, resume, overwrite)
+        if aside:
+            log.info("moved the previous run in %s to %s", cfg.logging.run_dir, aside)
         os.makedirs(cfg.logging.run_dir, exist_ok=True)
         with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
-    dist.barrier()
+
+    checkpoint.decided_on_rank0(prepare)
