@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from moe_sys.parallel.deepspeed_engine import stack_expert_keys
 from moe_sys.safe_load import load_safetensors, load_torch
+from moe_sys.train import checkpoint, manifest
 
 
 def read_model_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -36,12 +37,13 @@ def read_model_weights(path: str) -> Dict[str, torch.Tensor]:
 
 
 def _tag_dir(path: str) -> str:
-    for root in (os.path.join(path, "checkpoints"), path):
-        latest = os.path.join(root, "latest")
-        if os.path.exists(latest):
-            with open(latest) as f:
-                return os.path.join(root, f.read().strip())
+    """The verified checkpoint a run dir (or its checkpoints/ dir) names in ``latest``, or a tag dir itself:
+    a damaged checkpoint is refused with the file it found wrong, never half-read."""
+    run_dir = os.path.dirname(os.path.normpath(path)) if os.path.basename(os.path.normpath(path)) == "checkpoints" else path
+    if os.path.isdir(checkpoint.checkpoint_dir(run_dir)):
+        return os.path.join(checkpoint.checkpoint_dir(run_dir), checkpoint.choose(run_dir, "strict"))
     if os.path.exists(os.path.join(path, "mp_rank_00_model_states.pt")):
+        manifest.verify(path)
         return path
     raise FileNotFoundError(f"{path}: neither a .safetensors file, a DeepSpeed checkpoint (run dir, checkpoints "
                             "dir or tag dir) nor a Hugging Face model dir (config.json)")

@@ -139,6 +139,7 @@ def _zero_cases(rank, world, tmp, stage):
     from moe_sys.parallel.groups import create_expert_groups
     from moe_sys.train import checkpoint
     from moe_sys.train.optim import build_optimizer
+    from moe_sys.weights.io import read_model_weights
     from tests.unit.test_adapters import DOMAINS, batch, tiny_lm
 
     cfg = load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64",
@@ -173,7 +174,7 @@ def _zero_cases(rank, world, tmp, stage):
     fresh = tiny_lm(seed(0))
     inject.attach(fresh, os.path.join(tmp, "adapters"), DOMAINS)
     errs["reloaded"] = _rel(fresh.eval()(tokens, domains).logits_BSV, expected)
-    from_ckpt = io.read_model_weights(tmp)
+    from_ckpt = read_model_weights(tmp)
     errs["checkpoint"] = max(_rel(from_ckpt[k], v) for k, v in after.items())
     return errs, _resume_cases(engine, cfg, tmp, rank)
 

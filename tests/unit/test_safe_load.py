@@ -70,11 +70,24 @@ def test_init_from_refuses_a_checkpoint_that_runs_code(tmp_path):
     from moe_sys.weights import io
     from tests.unit.test_adapters import tiny_lm
 
+    from moe_sys.train.manifest import CheckpointError
+
     marker = tmp_path / "marker"
     write_marker_pickle(tmp_path / "mp_rank_00_model_states.pt", marker)
-    with pytest.raises(UnsafeFileError, match="mp_rank_00_model_states.pt: refused to load"):
+    with pytest.raises((UnsafeFileError, CheckpointError), match="mp_rank_00_model_states.pt: refused to load"):
         io.load_model_weights(tiny_lm(), str(tmp_path))  # what train.init_from calls
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("latest", [b"\x00\xff\xfe garbage", b"step_00000009"])
+def test_init_from_a_run_dir_whose_latest_is_wrong_names_it(tmp_path, latest):
+    from moe_sys.train.manifest import CheckpointError
+    from moe_sys.weights import io
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_bytes(latest)
+    with pytest.raises(CheckpointError, match="latest|step_00000009"):
+        io.read_model_weights(str(tmp_path))
 
 
 def test_adapters_load_from_refuses_a_file_that_is_not_safetensors(tmp_path):
