@@ -13,6 +13,7 @@ from pydantic import Field
 from moe_sys.config.adapters import AdaptersConfig
 from moe_sys.config.routing_rules import routing_problems
 from moe_sys.config.section import Section
+from moe_sys.config.task import TaskConfig
 
 
 class ModelConfig(Section):
@@ -166,6 +167,7 @@ class Config(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ops: OpsConfig = Field(default_factory=OpsConfig)
     adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     deepspeed: Dict[str, Any] = Field(default_factory=dict, description="merged over the generated DeepSpeed config")
 
     def check(self, world_size: Optional[int] = None) -> List[str]:
