@@ -1,0 +1,1 @@
+"""Evaluation metrics beyond the LM loss: retrieval (Recall@K, MAP@R) for metric learning."""
