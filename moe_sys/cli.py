@@ -85,6 +85,13 @@ def _train(args) -> int:
     world = launch.world_size if launch.launcher != "none" else None
     cfg = load_config(args.config, args.overrides, world_size=world)
     if launch.launcher == "none":
+        from moe_sys.tasks import TASKS
+
+        try:
+            TASKS[cfg.task.type]().check_inputs(cfg)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         from moe_sys.parallel.local_launch import run_local
 
         sets = [item for o in args.overrides for item in ("--set", o)]

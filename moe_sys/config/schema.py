@@ -188,12 +188,45 @@ class Config(Section):
         names = [d.name for d in self.data.domains]
         if len(set(names)) != len(names):
             problems.append(f"data.domains: names must be unique, got {names}")
-        for i, d in enumerate(self.data.domains):
-            if d.path is not None and not (os.path.exists(d.path + ".bin") and os.path.exists(d.path + ".idx")):
-                problems.append(f"data.domains.{i}.path: no indexed dataset at {d.path!r} (.bin/.idx); "
-                                "build one with `moe-sys prepare-data`")
+        if self.task.type == "lm":
+            problems += _text_domain_problems(self.data.domains)
+        else:
+            problems += metric_problems(self)
+        if self.train.init_from and not os.path.exists(self.train.init_from):
+            problems.append(f"train.init_from: nothing at {self.train.init_from!r}{_producer_hint(self.train.init_from)}")
         problems += self.adapters.problems(p.ep_size, names)
         world = world_size or p.procs
         if world % p.ep_size:
             problems.append(f"parallel.ep_size: world size {world} is not divisible by ep_size={p.ep_size}")
         return problems
+
+
+def _text_domain_problems(domains) -> List[str]:
+    return [f"data.domains.{i}.path: no indexed dataset at {d.path!r} (.bin/.idx); build one with `moe-sys prepare-data`"
+            for i, d in enumerate(domains)
+            if d.path is not None and not (os.path.exists(d.path + ".bin") and os.path.exists(d.path + ".idx"))]
+
+
+def metric_problems(cfg: "Config") -> List[str]:
+    """The metric task's rules: image folders exist, m_per_class divides the batch."""
+    problems = [f"data.domains.{i}.path: no image folder at {d.path!r} (one sub-folder of images per class)"
+                for i, d in enumerate(cfg.data.domains) if d.path is not None and not os.path.isdir(d.path)]
+    m = cfg.task.metric.sampler.m_per_class
+    if cfg.train.micro_batch_size % m:
+        problems.append(f"task.metric.sampler.m_per_class: {m} does not divide train.micro_batch_size="
+                        f"{cfg.train.micro_batch_size}")
+    return problems
+
+
+def _producer_hint(path: str) -> str:
+    """'; create it with `moe-sys train configs/X.yaml`' when a shipped config writes that run dir."""
+    import glob
+
+    import yaml
+
+    for candidate in sorted(glob.glob("configs/*.yaml")):
+        with open(candidate) as f:
+            run_dir = ((yaml.safe_load(f) or {}).get("logging") or {}).get("run_dir")
+        if run_dir and os.path.normpath(run_dir) == os.path.normpath(path):
+            return f"; create it first with `moe-sys train {candidate}`"
+    return "; train the run that writes it first"

@@ -23,6 +23,10 @@ class Task:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    @classmethod
+    def check_inputs(cls, cfg) -> None:
+        """Raise ValueError (one line naming the file or key) for bad data, before any rank starts."""
+
     def domain_names(self) -> List[str]:
         """Names of the domain ids batches carry, in id order (task routers and adapters use them)."""
         return [d.name for d in self.cfg.data.domains]
@@ -30,6 +34,10 @@ class Task:
     def build_model(self) -> nn.Module:
         """The single-device model with its starting weights; its output has ``.routings``."""
         raise NotImplementedError
+
+    def adapter_root(self, model: nn.Module) -> nn.Module:
+        """The part of the model that ``adapters`` targets name modules of (and that gets frozen)."""
+        return model
 
     def build_feeds(self, rank: int, world: int) -> Tuple[Any, Callable[[], Iterator[Dict[str, torch.Tensor]]]]:
         """(train stream: an iterator with state_dict/load_state_dict, eval: a fresh pass per call)."""

@@ -72,7 +72,7 @@ def train(cfg: Config, resume: bool = False) -> List[Dict]:
             break
     stop.restore()
     if cfg.adapters.save and _has_adapters(cfg):  # every rank: sharded adapter experts are gathered
-        adapter_io.save_adapters(engine.module, os.path.join(cfg.logging.run_dir, "adapters"))
+        adapter_io.save_adapters(task.adapter_root(engine.module), os.path.join(cfg.logging.run_dir, "adapters"))
     progress.close()
     if writer:
         writer.close()
@@ -86,7 +86,7 @@ def _build_engine(task: Task, cfg: Config, world: int):
     groups = create_expert_groups(cfg.parallel.ep_size)
     shard_and_mark_experts(model, groups)
     if _has_adapters(cfg):
-        inject(model, cfg.adapters, task.domain_names(), groups)
+        inject(task.adapter_root(model), cfg.adapters, task.domain_names(), groups)
     balance.set_group(model, dist.group.WORLD)  # routers are replicated: every rank is a data-parallel rank
     deepspeed_engine.register_moe_layers(model, groups)
     from moe_sys.train.optim import build_optimizer
