@@ -82,12 +82,12 @@ def read_folder(root: str, split: str, image_size: int, channels: int, m_per_cla
         if len(files) < m_per_class:
             raise ImageDataError(f"{folder}: {len(files)} image(s), fewer than "
                                  f"task.metric.sampler.m_per_class={m_per_class}")
-        images += [_read_image(os.path.join(folder, f), image_size, channels) for f in files]
+        images += [read_image(os.path.join(folder, f), image_size, channels) for f in files]
         labels += [k] * len(files)
     return np.stack(images), np.asarray(labels, np.int64)
 
 
-def _read_image(path: str, image_size: int, channels: int) -> np.ndarray:
+def read_image(path: str, image_size: int, channels: int) -> np.ndarray:
     """uint8 [C, H, W]: grey from colour by the channel mean, colour from grey by repetition."""
     import matplotlib.image
 

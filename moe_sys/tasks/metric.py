@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moe_sys.adapters import io as adapter_io
+from moe_sys.analysis.retrieval_plot import SAMPLE_FILE
 from moe_sys.data.images import ImageSet, load_domains
 from moe_sys.eval.retrieval import nearest, retrieval_metrics
 from moe_sys.metric.distributed import all_gather_rows
@@ -27,7 +28,6 @@ from moe_sys.moe.routing import RouterOutput
 from moe_sys.tasks.base import Task
 from moe_sys.train.distributed import to_device
 
-SAMPLE_FILE = "retrieval_sample.npz"  # queries and their top-5 neighbours, for `moe-sys plot`
 SAMPLE_QUERIES, SAMPLE_NEIGHBOURS = 8, 5
 
 
