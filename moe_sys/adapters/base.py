@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -37,13 +37,17 @@ class Site:
 @dataclass(frozen=True)
 class AdapterType:
     build: Callable  # build(base_layer, spec, site) -> AdapterLayer
-    wraps: Type[nn.Module]  # the kind of module its targets must be
+    wraps: Union[Type[nn.Module], Tuple[Type[nn.Module], ...]]  # the kind(s) of module its targets must be
+
+    def wraps_names(self) -> str:
+        kinds = self.wraps if isinstance(self.wraps, tuple) else (self.wraps,)
+        return " or ".join(k.__name__ for k in kinds)
 
 
 ADAPTERS: Dict[str, AdapterType] = {}
 
 
-def register_adapter(name: str, wraps: Type[nn.Module]):
+def register_adapter(name: str, wraps: Union[Type[nn.Module], Tuple[Type[nn.Module], ...]]):
     """Decorator for ``build(base_layer, spec, site: Site)``: the adapter becomes ``type: name`` in YAML."""
 
     def wrap(build):

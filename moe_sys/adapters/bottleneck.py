@@ -19,18 +19,20 @@ from moe_sys.models.transformer import returns_routing
 class BottleneckBank(nn.Module):
     """N bottleneck adapters stacked on dim 0 (input-major, like LoRABank)."""
 
-    def __init__(self, num: int, d_in: int, d_out: int, dim: int, activation: str):
+    def __init__(self, num: int, d_in: int, d_out: int, dim: int, activation: str, bias: bool = True):
         super().__init__()
         self.down_NIR = nn.Parameter(torch.empty(num, d_in, dim).uniform_(-d_in ** -0.5, d_in ** -0.5))
-        self.bias_NR = nn.Parameter(torch.zeros(num, dim))
+        self.bias_NR = nn.Parameter(torch.zeros(num, dim)) if bias else None
         self.up_NRO = nn.Parameter(torch.zeros(num, dim, d_out))
         self.activation = activation
 
     def params(self) -> Dict[str, torch.Tensor]:
-        return {"down": self.down_NIR, "bias": self.bias_NR, "up": self.up_NRO}
+        bias = {"bias": self.bias_NR} if self.bias_NR is not None else {}
+        return {"down": self.down_NIR, **bias, "up": self.up_NRO}
 
     def delta(self, x, p: Dict[str, torch.Tensor], layout) -> torch.Tensor:
-        h = layout.bias(layout.linear(x, p["down"]), p["bias"])
+        h = layout.linear(x, p["down"])
+        h = layout.bias(h, p["bias"]) if "bias" in p else h
         return layout.linear(ACTIVATIONS[self.activation](h), p["up"])
 
 
@@ -39,9 +41,9 @@ class BottleneckAdapter(SlotAdapter):
     a returned routing, as MoE blocks take and give, pass through)."""
 
     def __init__(self, base_layer: nn.Module, name: str, slots: List[str], d_model: int, dim: int = 16,
-                 activation: str = "relu", placement: str = "sequential", scale: float = 1.0):
+                 activation: str = "relu", placement: str = "sequential", scale: float = 1.0, bias: bool = True):
         super().__init__(base_layer, name, slots)
-        self.bank = BottleneckBank(len(slots), d_model, d_model, dim, activation)
+        self.bank = BottleneckBank(len(slots), d_model, d_model, dim, activation, bias)
         self.placement, self.scale = placement, scale
         self.returns_routing = returns_routing(base_layer)
 

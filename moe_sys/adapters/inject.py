@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 
 # Importing the type modules registers them in ADAPTERS.
-from moe_sys.adapters import adapter_experts, bottleneck, ia3, lora, prefix, stochastic  # noqa: F401
+from moe_sys.adapters import adapter_experts, bottleneck, ia3, lora, prefix, prompt_pool, stochastic  # noqa: F401
 from moe_sys.adapters import io
 from moe_sys.adapters.base import ADAPTERS, AdapterLayer, Selection, Site, SlotAdapter, matches
 from moe_sys.config.adapters import AdaptersConfig, SlotSpec
@@ -61,7 +61,7 @@ def add_adapter(model: nn.Module, spec, domains: Sequence[str]) -> List[AdapterL
         base = model.get_submodule(name)
         if not isinstance(base, kind.wraps):
             raise TypeError(f"adapter {spec.name!r}: {name} is a {type(base).__name__}, but {spec.type} adapters "
-                            f"wrap {kind.wraps.__name__}")
+                            f"wrap {kind.wraps_names()}")
         layer = kind.build(base, spec, Site(name, d_model, len(domains)))
         layer.spec = spec
         _replace(model, name, layer)

@@ -48,7 +48,7 @@ class PrefixAttention(SlotAdapter):
         super().__init__(base_layer, name, slots)
         self.bank = PrefixBank(len(slots), length, d_model, reparam_dim)
 
-    def forward(self, x_BSD: torch.Tensor, cos, sin) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
         B, _, D = x_BSD.shape
         w_BN = self.slot_weights(B, x_BSD.device)
         if w_BN is None:

@@ -71,14 +71,40 @@ class BottleneckSpec(SlotSpec):
 
 
 class StochasticSpec(SlotSpec):
-    """A parallel bottleneck adapter beside each whole block, dropped per example in training (PUMA)."""
+    """A parallel bottleneck adapter beside each whole block, dropped per example in training (the
+    whole-block reading of PUMA; ``puma`` is its own two-per-block placement)."""
 
     type: Literal["stochastic"] = "stochastic"
-    targets: List[str] = Field(default_factory=lambda: ["layers.*"])
+    targets: List[str] = Field(default_factory=lambda: ["layers.*"], description="LM blocks; ViT: [blocks.*]")
     dim: int = Field(32, gt=0, description="bottleneck width (PUMA: 128 on ViT-S)")
     activation: Activation = "gelu"
     p_drop: float = Field(0.5, ge=0, le=1, description="probability that an example's adapter is off in training")
     rescale: bool = Field(True, description="kept adapters are scaled by 1/(1-p_drop) in training (docs/modular.md)")
+
+
+class PumaSpec(SlotSpec):
+    """PUMA's adapters: beside each attention and each MLP sub-layer, reading its normalised input,
+    ReLU bottleneck without biases, up zero-initialised, fixed scale, dropped per example in training."""
+
+    type: Literal["puma"] = "puma"
+    targets: List[str] = Field(default_factory=lambda: ["blocks.*.attn", "blocks.*.mlp"])
+    dim: int = Field(32, gt=0, description="bottleneck width (PUMA: 128 on ViT-S/16)")
+    scale: float = Field(0.1, description="fixed output scale (PUMA: 0.1, not trained)")
+    p_drop: float = Field(0.5, ge=0, le=1, description="probability that an example's adapter is off at a site in "
+                                                       "training (PUMA's adapter_droppath 0.5)")
+    rescale: bool = Field(True, description="kept adapters are scaled by 1/(1-p_drop) in training (timm DropPath)")
+
+
+class PromptPoolSpec(AdapterSpec):
+    """PUMA's prompt pool: per image a cosine-weighted mixture of learned prompts, inserted after the class
+    token; an orthogonality penalty on keys, attention vectors and prompts (ViT only)."""
+
+    type: Literal["prompt_pool"] = "prompt_pool"
+    targets: List[str] = Field(default_factory=lambda: ["embed"])
+    components: int = Field(20, gt=0, description="M components (key, attention vector, prompt); PUMA: 20")
+    length: int = Field(8, gt=0, description="prompt tokens inserted after the class token; PUMA: 8")
+    ortho_coef: float = Field(1e-6, ge=0, description="weight of the orthogonality penalty (PUMA: 1e-6 x "
+                                                      "prompt_lambda 1)")
 
 
 class IA3Spec(SlotSpec):
@@ -156,8 +182,8 @@ class SmearSpec(AdapterSpec):
         "params", description="params: SMEAR; outputs: run every expert and mix outputs (the ensemble it approximates)")
 
 
-AnySpec = Annotated[Union[LoRASpec, BottleneckSpec, StochasticSpec, IA3Spec, PrefixSpec, MixtureSpec, SmearSpec],
-                    Field(discriminator="type")]
+AnySpec = Annotated[Union[LoRASpec, BottleneckSpec, StochasticSpec, PumaSpec, PromptPoolSpec, IA3Spec, PrefixSpec,
+                          MixtureSpec, SmearSpec], Field(discriminator="type")]
 
 # Routers whose decision can change from token to token: their weights cannot be merged per example.
 TOKEN_LEVEL_ROUTERS = ("topk", "expert_choice")

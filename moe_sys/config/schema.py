@@ -16,7 +16,25 @@ from moe_sys.config.section import Section
 from moe_sys.config.task import TaskConfig
 
 
+class ViTConfig(Section):
+    """The image encoder of ``model.arch: vit`` (timm's and Hugging Face's ViT layout); d_model, n_layers,
+    n_heads, d_ff, norm_eps and init_std come from the model section, FFN slots from ``moe``."""
+
+    image_size: int = Field(32, gt=0, description="side of the square input images, in pixels")
+    patch_size: int = Field(4, gt=0, description="side of the square patches; must divide image_size")
+    in_channels: int = Field(1, gt=0, description="1 = grey (the glyph data), 3 = RGB")
+    pool: Literal["cls", "mean"] = Field("cls", description="features: the class token, or the mean of the patch "
+                                         "tokens, under the final LayerNorm (timm's global_pool token / avg)")
+    qkv_bias: bool = Field(True, description="biases on q/k/v (timm and HF ViTs have them; the output projection "
+                           "and MLP always do)")
+    pretrained: Optional[str] = Field(None, description="timm ViT state dict (.safetensors or .pth) or Hugging Face "
+                                      "ViTModel directory (config.json + model.safetensors) loaded when the model is "
+                                      "built; timm ViTs use norm_eps 1e-6, HF ones 1e-12")
+
+
 class ModelConfig(Section):
+    arch: Literal["lm", "vit"] = Field("lm", description="lm: the decoder-only language model; vit: the image "
+                                       "encoder (model.vit)")
     vocab_size: int = Field(256, gt=0, description="256 = byte-level vocabulary of the embedded corpus")
     d_model: int = Field(128, gt=0, description="hidden size D")
     n_layers: int = Field(4, gt=0)
@@ -27,6 +45,7 @@ class ModelConfig(Section):
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
+    vit: ViTConfig = Field(default_factory=ViTConfig)
 
 
 class RouterConfig(Section):
@@ -40,9 +59,10 @@ class RouterConfig(Section):
                               "softmax over the K (Megatron's default)")
     normalize: Optional[bool] = Field(None, description="renormalise the kept weights to sum 1; None = when top_k > 1")
     scale: float = Field(1.0, gt=0, description="multiplies the gate weights (DeepSeek-V3 routed_scaling_factor)")
-    drop_policy: Literal["position", "probs", "random"] = Field(
+    drop_policy: Literal["position", "probs", "random", "priority"] = Field(
         "position", description="which slots an over-capacity expert drops: later positions (first choices first), "
-        "lowest affinity, or a random priority")
+        "lowest affinity, a random priority, or priority: first choices first, each by the token's highest gate "
+        "(V-MoE's batch prioritized routing)")
     num_groups: Optional[int] = Field(None, gt=0, description="group-limited routing: experts split into this many "
                                       "groups (e.g. one per EP rank or node)")
     group_topk: Optional[int] = Field(None, gt=0, description="groups each token may use (top groups by the sum of "
@@ -174,8 +194,11 @@ class Config(Section):
         """Cross-field problems as (key, message) lines; empty when the config is consistent."""
         m, moe, p = self.model, self.moe, self.parallel
         problems = []
-        if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
-            problems.append(f"model.n_heads: d_model={m.d_model} must split into {m.n_heads} heads of even size")
+        if m.d_model % m.n_heads or (m.arch == "lm" and (m.d_model // m.n_heads) % 2):  # rotary pairs dims
+            size = "of even size" if m.arch == "lm" else "of equal size"
+            problems.append(f"model.n_heads: d_model={m.d_model} must split into {m.n_heads} heads {size}")
+        if m.arch == "vit":
+            problems += vit_problems(m)
         if moe.top_k > moe.num_experts:
             problems.append(f"moe.top_k: {moe.top_k} exceeds moe.num_experts={moe.num_experts}")
         if moe.num_experts % p.ep_size:
@@ -188,6 +211,9 @@ class Config(Section):
         names = [d.name for d in self.data.domains]
         if len(set(names)) != len(names):
             problems.append(f"data.domains: names must be unique, got {names}")
+        wanted = {"lm": "lm", "metric": "vit"}[self.task.type]
+        if m.arch != wanted:
+            problems.append(f"model.arch: task.type {self.task.type} trains model.arch {wanted}, got {m.arch}")
         if self.task.type == "lm":
             problems += _text_domain_problems(self.data.domains)
         else:
@@ -230,3 +256,17 @@ def _producer_hint(path: str) -> str:
         if run_dir and os.path.normpath(run_dir) == os.path.normpath(path):
             return f"; create it first with `moe-sys train {candidate}`"
     return "; train the run that writes it first"
+
+
+def vit_problems(m: ModelConfig) -> List[str]:
+    """The ViT's own rules, one line each; a Hugging Face directory's config.json must agree with ``m``."""
+    v, problems = m.vit, []
+    if v.image_size % v.patch_size:
+        problems.append(f"model.vit.image_size: {v.image_size} is not divisible by model.vit.patch_size={v.patch_size}")
+    if v.pretrained is not None and not os.path.exists(v.pretrained):
+        problems.append(f"model.vit.pretrained: no file or directory at {v.pretrained!r}")
+    elif v.pretrained is not None and os.path.isdir(v.pretrained):
+        from moe_sys.weights.vit_hf import config_problems  # torch only for configs that load weights
+
+        problems += config_problems(v.pretrained, m)
+    return problems

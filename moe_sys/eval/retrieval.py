@@ -28,28 +28,41 @@ from moe_sys.metric.distributed import all_gather_rows
 KS = (1, 2, 4, 8)
 
 
-def nearest(emb_ND: torch.Tensor, k: int, chunk: int = 512) -> torch.Tensor:
-    """[N, k] indices of each row's k most similar other rows (cosine), ties to the lower index."""
+def _neighbour_chunks(emb_ND: torch.Tensor, k: int, chunk: int):
+    """(start, idx_QK) per chunk of queries: each row's k most similar other rows (cosine)."""
     x_ND = F.normalize(emb_ND.float(), dim=1)
-    out = []
     for start in range(0, len(x_ND), chunk):
         sims_QN = x_ND[start:start + chunk] @ x_ND.T
         rows = torch.arange(len(sims_QN), device=x_ND.device)
         sims_QN[rows, rows + start] = float("-inf")  # never retrieve yourself
-        out.append(_topk_lowest_index(sims_QN, k))
-    return torch.cat(out)
+        yield start, _topk_lowest_index(sims_QN, k)
+
+
+def nearest(emb_ND: torch.Tensor, k: int, chunk: int = 512) -> torch.Tensor:
+    """[N, k] indices of each row's k most similar other rows (cosine), ties to the lower index."""
+    return torch.cat([idx_QK for _, idx_QK in _neighbour_chunks(emb_ND, k, chunk)])
 
 
 def _topk_lowest_index(sims_QN: torch.Tensor, k: int) -> torch.Tensor:
     """topk whose ties (including those straddling the k-th place) go to the lower column."""
-    kth_Q1 = sims_QN.topk(k, dim=1).values[:, -1:]
+    vals_QK, idx_QK = sims_QN.topk(k, dim=1)
+    kth_Q1 = vals_QK[:, -1:]
+    straddle_Q = torch.count_nonzero(sims_QN >= kth_Q1, dim=1) > k  # more candidates at the k-th value than places left
+    if straddle_Q.any():
+        rows = torch.nonzero(straddle_Q, as_tuple=True)[0]
+        idx_QK[rows] = _lowest_columns_at_kth(sims_QN[rows], kth_Q1[rows], k)
+    idx_QK = idx_QK.sort(dim=1).values  # ascending columns, then a stable sort by similarity
+    order_QK = sims_QN.gather(1, idx_QK).sort(dim=1, descending=True, stable=True).indices
+    return idx_QK.gather(1, order_QK)
+
+
+def _lowest_columns_at_kth(sims_QN: torch.Tensor, kth_Q1: torch.Tensor, k: int) -> torch.Tensor:
+    """Everything above the k-th value plus the lowest columns equal to it, k per row."""
     above_QN = sims_QN > kth_Q1
     at_QN = sims_QN == kth_Q1
     room_Q1 = k - above_QN.sum(1, keepdim=True)
     take_QN = above_QN | (at_QN & (at_QN.cumsum(1) <= room_Q1))
-    idx_QK = take_QN.nonzero()[:, 1].view(len(sims_QN), k)  # ascending column order
-    order_QK = sims_QN.gather(1, idx_QK).sort(dim=1, descending=True, stable=True).indices
-    return idx_QK.gather(1, order_QK)
+    return take_QN.nonzero()[:, 1].view(len(sims_QN), k)
 
 
 def _class_ids(labels_N: torch.Tensor, domains_N: Optional[torch.Tensor]) -> torch.Tensor:
@@ -60,23 +73,35 @@ def _class_ids(labels_N: torch.Tensor, domains_N: Optional[torch.Tensor]) -> tor
 
 def scope_metrics(emb_ND: torch.Tensor, cls_N: torch.Tensor, ks: Sequence[int] = KS,
                   chunk: int = 512) -> Dict[str, float]:
-    """{R@k..., RP, MAP@R} of one scope (see the module docstring); zeros when no query has a match."""
-    N = len(cls_N)
-    R_N = (cls_N[:, None] == cls_N[None, :]).sum(1) - 1
-    valid_N = R_N > 0
-    if N < 2 or not valid_N.any():
-        return {**{f"R@{k}": 0.0 for k in ks}, "RP": 0.0, "MAP@R": 0.0}
-    K = min(N - 1, max(max(ks), int(R_N.max())))
-    match_NK = (cls_N[nearest(emb_ND, K, chunk)] == cls_N[:, None]).float()
-    in_R_NK = torch.arange(1, K + 1, device=cls_N.device)[None, :] <= R_N[:, None]
-    hits_NK = match_NK.cumsum(1)
-    rp_N = (match_NK * in_R_NK).sum(1) / R_N.clamp_min(1)
-    precision_NK = hits_NK / torch.arange(1, K + 1, device=cls_N.device)
-    map_N = (precision_NK * match_NK * in_R_NK).sum(1) / R_N.clamp_min(1)
-    out = {f"R@{k}": float(match_NK[valid_N, :min(k, K)].amax(1).mean()) for k in ks}
-    out["RP"] = float(rp_N[valid_N].mean())
-    out["MAP@R"] = float(map_N[valid_N].mean())
-    return out
+    """{R@k..., RP, MAP@R} of one scope (see the module docstring); zeros when no query has a match.
+
+    Memory stays at a [chunk, N] block: per-query scores are summed chunk by chunk.
+    """
+    _, inverse_N, counts = torch.unique(cls_N, return_inverse=True, return_counts=True)
+    R_N = counts[inverse_N] - 1
+    valid = int((R_N > 0).sum())
+    names = [f"R@{k}" for k in ks] + ["RP", "MAP@R"]
+    if len(cls_N) < 2 or valid == 0:
+        return dict.fromkeys(names, 0.0)
+    K = min(len(cls_N) - 1, max(max(ks), int(R_N.max())))
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    for start, idx_QK in _neighbour_chunks(emb_ND, K, chunk):
+        totals += _query_scores(cls_N[idx_QK] == cls_N[start:start + len(idx_QK), None],
+                                R_N[start:start + len(idx_QK)], ks).sum(0).cpu()
+    return {name: float(total / valid) for name, total in zip(names, totals)}
+
+
+def _query_scores(match_QK: torch.Tensor, R_Q: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """[Q, len(ks) + 2] float64: R@k for each k, R-precision, MAP@R per query; lone queries give 0."""
+    match_QK = match_QK.double() * (R_Q > 0)[:, None]
+    K = match_QK.shape[1]
+    ranks_K = torch.arange(1, K + 1, device=match_QK.device)
+    in_R_QK = ranks_K[None, :] <= R_Q[:, None]
+    R_Q = R_Q.clamp_min(1)
+    recall = [match_QK[:, :min(k, K)].amax(1) for k in ks]
+    rp_Q = (match_QK * in_R_QK).sum(1) / R_Q
+    map_Q = (match_QK.cumsum(1) / ranks_K * match_QK * in_R_QK).sum(1) / R_Q
+    return torch.stack([*recall, rp_Q, map_Q], 1)
 
 
 def retrieval_metrics(emb_ND: torch.Tensor, labels_N: torch.Tensor, domains_N: Optional[torch.Tensor] = None,

@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 
 
 def gather_world(group: Optional[dist.ProcessGroup] = None) -> int:
@@ -28,32 +29,14 @@ def gather_world(group: Optional[dist.ProcessGroup] = None) -> int:
     return dist.get_world_size(group)
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """Concatenate every rank's [B, ...] rows in rank order; backward sums the gradient over ranks
-    and returns this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad_N: torch.Tensor):
-        grad_N = grad_N.contiguous().clone()
-        dist.all_reduce(grad_N, group=ctx.group)
-        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        rows = grad_N.shape[0] // world
-        return grad_N[rank * rows:(rank + 1) * rows], None
-
-
 def all_gather_with_grad(x_BD: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """[W*B, ...] rows of every rank, differentiable (see the module docstring for the scaling).
+    """[W*B, ...] rows of every rank in rank order, differentiable: torch's own autograd all-gather,
+    whose backward sums the gradient over ranks (reduce-scatter; all-to-all + sum on gloo) and hands
+    each rank its rows' part (see the module docstring for the scaling).
 
     Every rank must pass the same B (the metric samplers hand out equal per-rank batches).
     """
-    return _AllGatherWithGrad.apply(x_BD, group)
+    return torch.cat(dist_nn.all_gather(x_BD.contiguous(), group=group or dist.group.WORLD))
 
 
 def gather_batch(emb_BD: torch.Tensor, labels_B: torch.Tensor,

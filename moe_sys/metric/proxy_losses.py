@@ -21,7 +21,8 @@ _EDGE = 1e-7  # arccos has an infinite slope at +-1: keep cosines strictly insid
 
 
 def _cosine_BC(emb_BD: torch.Tensor, weight_CD: torch.Tensor) -> torch.Tensor:
-    return F.normalize(emb_BD, dim=1) @ F.normalize(weight_CD, dim=1).T
+    """cos_ic in the embeddings' precision (an engine may hold the class vectors in bf16)."""
+    return F.normalize(emb_BD, dim=1) @ F.normalize(weight_CD.to(emb_BD.dtype), dim=1).T
 
 
 def proxy_anchor_loss(emb_BD: torch.Tensor, labels_B: torch.Tensor, proxies_CD: torch.Tensor,

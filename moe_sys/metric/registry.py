@@ -29,26 +29,20 @@ class PairLoss(nn.Module):
         return self.fn(emb_BD, labels_B)
 
 
-def _pair(fn):
-    return lambda params, num_classes, embedding_size: PairLoss(fn, **params)
-
-
-def _classes(cls):
-    return lambda params, num_classes, embedding_size: cls(num_classes, embedding_size, **params)
-
-
-LOSSES: Dict[str, Callable[[dict, int, int], nn.Module]] = {
-    "contrastive": _pair(losses.contrastive_loss),
-    "triplet": _pair(losses.triplet_loss),
-    "npair": _pair(losses.npair_loss),
-    "ntxent": _pair(losses.ntxent_loss),
-    "infonce": _pair(losses.ntxent_loss),
-    "supcon": _pair(losses.supcon_loss),
-    "multi_similarity": _pair(losses.multi_similarity_loss),
-    "proxy_anchor": _classes(proxy_losses.ProxyAnchorLoss),
-    "arcface": _classes(proxy_losses.ArcFaceLoss),
-    "cosface": _classes(proxy_losses.CosFaceLoss),
-    "curricularface": _classes(proxy_losses.CurricularFaceLoss),
+# name -> a pure loss function (hyper-parameters as keywords) or a module class
+# (num_classes, embedding_size, **hyper-parameters); config.LOSS_PARAMS holds the same names.
+LOSSES: Dict[str, Callable] = {
+    "contrastive": losses.contrastive_loss,
+    "triplet": losses.triplet_loss,
+    "npair": losses.npair_loss,
+    "ntxent": losses.ntxent_loss,
+    "infonce": losses.ntxent_loss,
+    "supcon": losses.supcon_loss,
+    "multi_similarity": losses.multi_similarity_loss,
+    "proxy_anchor": proxy_losses.ProxyAnchorLoss,
+    "arcface": proxy_losses.ArcFaceLoss,
+    "cosface": proxy_losses.CosFaceLoss,
+    "curricularface": proxy_losses.CurricularFaceLoss,
 }
 
 
@@ -64,6 +58,8 @@ class MetricLoss(nn.Module):
         self.group = group
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        # at least fp32: the losses exponentiate similarities scaled by up to 1/0.07 or 64
+        emb_BD = emb_BD.to(torch.promote_types(emb_BD.dtype, torch.float32))
         if self.gather:
             emb_BD, labels_B = gather_batch(emb_BD, labels_B, self.group)
         return self.loss(emb_BD, labels_B)
@@ -74,4 +70,6 @@ def build_loss(spec: LossSpec, num_classes: int, embedding_size: int,
     """The loss of ``spec``; ``group`` is the data-parallel group to gather over (None: the default
     group when torch.distributed is initialised, else no gathering)."""
     params = spec.resolved().model_dump()
-    return MetricLoss(LOSSES[spec.name](params, num_classes, embedding_size), spec.gather, group)
+    target = LOSSES[spec.name]
+    inner = target(num_classes, embedding_size, **params) if isinstance(target, type) else PairLoss(target, **params)
+    return MetricLoss(inner, spec.gather, group)

@@ -26,6 +26,8 @@ import torch
 
 def domain_weights(images_per_domain: Sequence[int], mode: str, temperature: float = 1.0) -> np.ndarray:
     """w_d for ``mode`` union | balanced | temperature (see the module docstring); sums to 1."""
+    if temperature <= 0:
+        raise ValueError(f"sampler temperature must be > 0, got {temperature}")
     n_D = np.asarray(images_per_domain, dtype=np.float64)
     raw = {"union": lambda: n_D, "balanced": lambda: np.ones_like(n_D),
            "temperature": lambda: n_D ** (1.0 / temperature)}
@@ -52,6 +54,10 @@ class MetricBatchSampler(torch.utils.data.Sampler):
         labels_N, domains_N = np.asarray(labels), np.asarray(domains)
         if labels_N.shape != domains_N.shape or labels_N.ndim != 1:
             raise ValueError(f"labels {labels_N.shape} and domains {domains_N.shape} must be equal-length 1-D arrays")
+        if len(labels_N) == 0:
+            raise ValueError("the sampler got no labelled images")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         if batch_size % m_per_class:
             raise ValueError(f"batch size {batch_size} is not a multiple of m_per_class {m_per_class}")
         self.B, self.m, self.W, self.rank, self.seed = batch_size, m_per_class, dp_size, dp_rank, seed

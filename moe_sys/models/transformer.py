@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_sys.moe.layer import MoELayer, build_moe_layer
+from moe_sys.moe.layer import MoELayer, build_moe_layer, is_moe_layer
 from moe_sys.moe.routing import RouterOutput, RoutingContext
 
 
@@ -41,23 +41,28 @@ def apply_rotary(x_BHSd, cos_Sh, sin_Sh):
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int):
+    def __init__(self, d_model: int, n_heads: int, qkv_bias: bool = False, proj_bias: bool = False,
+                 causal: bool = True):
+        """causal=False: every position sees every other (encoders: the ViT)."""
         super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.n_heads, self.causal = n_heads, causal
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
+        self.proj = nn.Linear(d_model, d_model, bias=proj_bias)
 
-    def forward(self, x_BSD, cos, sin, prefix_kv: Optional[Tuple[torch.Tensor, ...]] = None):
-        """prefix_kv: (k_BHPd, v_BHPd, visible_BP), P extra key/value positions before the sequence that
+    def forward(self, x_BSD, cos=None, sin=None, prefix_kv: Optional[Tuple[torch.Tensor, ...]] = None):
+        """cos/sin None: no rotary positions (the ViT adds learned ones to its input).
+        prefix_kv: (k_BHPd, v_BHPd, visible_BP), P extra key/value positions before the sequence that
         every query may attend to where visible (prefix tuning); they carry no rotary position."""
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
+        if cos is not None:
+            q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
         if prefix_kv is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             k_p, v_p, visible_BP = prefix_kv
-            causal_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).tril()
+            causal_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device)
+            causal_SS = causal_SS.tril() if self.causal else causal_SS
             mask_B1SK = torch.cat([visible_BP[:, None, None, :].expand(B, 1, S, -1), causal_SS.expand(B, 1, S, S)], -1)
             out = F.scaled_dot_product_attention(q, torch.cat([k_p, k], 2), torch.cat([v_p, v], 2), attn_mask=mask_B1SK)
         return self.proj(out.transpose(1, 2).reshape(B, S, D))
@@ -139,8 +144,7 @@ class TransformerLM(nn.Module):
 
     @staticmethod
     def _ffn(i: int, cfg, moe_cfg, num_domains: int) -> nn.Module:
-        is_moe = moe_cfg.enabled and i >= moe_cfg.first_moe_layer and (i - moe_cfg.first_moe_layer) % moe_cfg.every == 0
-        if not is_moe:
+        if not is_moe_layer(i, moe_cfg):
             return SwiGLU(cfg.d_model, cfg.d_ff)
         return build_moe_layer(cfg.d_model, cfg.d_ff, moe_cfg, cfg.init_std, num_domains)
 

@@ -8,6 +8,10 @@ Every policy ranks the slots routed to an expert and keeps its first C; they dif
   probs     highest affinity first (DeepSpeed topkgating, Megatron 'probs'), ties by position
   random    a fresh uniform priority per (token, expert), drawn as DeepSpeed's random token
             selection (use_rts) draws it, ties by position
+  priority  V-MoE's batch prioritized routing (Riquelme et al. 2021; vmoe/moe.py
+            _get_top_experts_per_item_common): slot-major like position, but inside each slot rank
+            the tokens go by their highest gate value, max_e affinity, descending (ties by position),
+            so the confident tokens of a batch are the last to lose their expert
 """
 from __future__ import annotations
 
@@ -45,11 +49,25 @@ class Capacity:
         """Per-slot priority (higher is kept first); None = position."""
         if self.drop_policy == "position":
             return None
+        if self.drop_policy == "priority":
+            return batch_priority(expert_ids_NK.shape[1], affinity_NE)
         if self.drop_policy == "probs":
             source_NE = affinity_NE
         else:  # random: U(0,1) of shape [N, E], DeepSpeed's RTS draw
             source_NE = torch.rand(affinity_NE.shape, device=affinity_NE.device)
         return source_NE.gather(1, expert_ids_NK.clamp(min=0))
+
+
+def batch_priority(top_k: int, affinity_NE: torch.Tensor) -> torch.Tensor:
+    """priority_NK = -(k * N + r_n), r_n the token's rank by max_e affinity (descending, stable): every
+    k-th choice outranks every (k+1)-th, and inside a choice rank the higher gate goes first. Exact
+    integers, so no gate value (even 1.0) can push a token across slot ranks."""
+    N = affinity_NE.shape[0]
+    order_N = torch.argsort(affinity_NE.max(dim=1).values, descending=True, stable=True)
+    rank_N = torch.empty_like(order_N)
+    rank_N[order_N] = torch.arange(N, device=affinity_NE.device)
+    k_K = torch.arange(top_k, device=affinity_NE.device)
+    return -(k_K[None, :] * N + rank_N[:, None])
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float, min_capacity: int) -> int:

@@ -79,6 +79,13 @@ def spec_from_config(moe_cfg) -> RouterSpec:
     )
 
 
+def is_moe_layer(index: int, moe_cfg) -> bool:
+    """Does layer ``index`` hold an MoE block? Every ``moe.every``-th layer from ``moe.first_moe_layer``
+    (V-MoE's "every other block of the last 2n": first_moe_layer = L - 2n + 1, every = 2)."""
+    first = moe_cfg.first_moe_layer
+    return moe_cfg.enabled and index >= first and (index - first) % moe_cfg.every == 0
+
+
 def build_moe_layer(d_model: int, d_ff: int, moe_cfg, init_std: float, num_tasks: int) -> MoELayer:
     """The MoE block a config asks for (moe_cfg: MoEConfig; num_tasks: number of data domains)."""
     return MoELayer(d_model, moe_cfg.d_expert or d_ff, moe_cfg.num_experts, moe_cfg.top_k, router=moe_cfg.router.type,

@@ -66,7 +66,10 @@ def test_union_draws_every_image_equally_often():
 
 def test_resume_continues_the_exact_stream():
     labels, domains = _data()
-    make = lambda: MetricBatchSampler(labels, domains, 8, 2, mode="balanced", dp_rank=1, dp_size=2, seed=7)  # noqa: E731
+
+    def make():
+        return MetricBatchSampler(labels, domains, 8, 2, mode="balanced", dp_rank=1, dp_size=2, seed=7)
+
     straight = iter(make())
     batches = [next(straight) for _ in range(5)]
     stopped = make()
@@ -88,5 +91,7 @@ def test_a_class_with_fewer_than_m_images_is_named():
     assert str(err.value) == "class 3 of braille has 1 image(s), fewer than m_per_class=2"
     with pytest.raises(ValueError, match="not a multiple of m_per_class"):
         MetricBatchSampler(labels, domains, 5, 2)
+    with pytest.raises(ValueError, match="no labelled images"):
+        MetricBatchSampler([], [], 4, 1)
     with pytest.raises(ValueError, match="expected one of"):
         MetricBatchSampler(labels, domains, 4, 1, mode="uniform")

@@ -1,0 +1,1 @@
+"""Model weights on disk: moe_sys checkpoints, safetensors files and Hugging Face directories."""
