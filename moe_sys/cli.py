@@ -73,6 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _setup_logging() -> None:
+    from moe_sys import quiet
     from moe_sys.parallel import launch_env
 
     rank = launch_env.detect().rank  # srun and mpirun set no RANK
@@ -80,14 +81,18 @@ def _setup_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet.silence_known_noise()
 
 
 def _train(args) -> int:
+    from moe_sys.config.paths import resume_problem
     from moe_sys.parallel import launch_env
 
     launch = launch_env.detect()
     world = launch.world_size if launch.launcher != "none" else None
     cfg = load_config(args.config, args.overrides, world_size=world)
+    if args.resume and resume_problem(cfg.logging.run_dir):
+        raise ConfigError(resume_problem(cfg.logging.run_dir))
     if launch.launcher == "none":
         from moe_sys.tasks import TASKS
 

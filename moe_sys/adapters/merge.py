@@ -192,6 +192,11 @@ def upcycle(dense: Dict[str, torch.Tensor], cfg, noise_std: float = 0.01, seed: 
     if missing:
         raise ValueError(f"the dense weights do not fit the model of this config: missing {missing[:4]}")
     state.update({k: dense[k] for k in state if k in dense})
+    moe_layers = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoELayer)]
+    not_dense = [i for i in moe_layers if f"layers.{i}.ffn.gate.weight" not in dense]
+    if not_dense:
+        raise ValueError(f"the base holds no dense FFN at layers.{not_dense[0]}.ffn (is it an MoE model?); "
+                         "upcycling starts from a dense model (moe.enabled: false)")
     for i, layer in enumerate(model.layers):
         if isinstance(layer.ffn, MoELayer):
             for bank_key, dense_key in (("w_gate_EDF", "gate"), ("w_up_EDF", "up"), ("w_down_EFD", "down")):
@@ -211,6 +216,9 @@ def upcycle_checkpoint(base: str, cfg, out: str, noise_std: float = 0.01, seed: 
 def run(method: str, inputs: Sequence[str], out: str, opts: MergeOptions, base: Optional[str] = None,
         rank: Optional[int] = None, cfg=None, noise_std: float = 0.0) -> str:
     """``moe-sys merge``: upcycle, merge adapter directories, or merge whole models; returns a report line."""
+    problem = _argument_problem(method, inputs, opts, rank)
+    if problem:
+        raise ValueError(problem)
     if method == "upcycle":
         if base is None or cfg is None:
             raise ValueError("upcycle needs --base (the dense model) and a config of the MoE model")
@@ -223,3 +231,21 @@ def run(method: str, inputs: Sequence[str], out: str, opts: MergeOptions, base: 
         return f"wrote {out}: {len(inputs)} adapters merged ({method}); LoRA factors keep {kept:.2%} of the delta"
     merge_checkpoints(inputs, out, opts, base)
     return f"wrote {out}: {len(inputs)} models merged ({method})"
+
+
+def _argument_problem(method: str, inputs: Sequence[str], opts: MergeOptions, rank: Optional[int]) -> Optional[str]:
+    """What is wrong with the command line, before any file is read."""
+    if method not in (*METHODS, "upcycle"):
+        return f"unknown merge method {method!r}; choose from {', '.join((*METHODS, 'upcycle'))}"
+    if not 0 < opts.density <= 1:
+        return f"--density: {opts.density} must lie in (0, 1]"
+    numbers = [opts.lam, opts.density, *(opts.weights or [])]
+    if not all(math.isfinite(x) for x in numbers):
+        return f"--lam/--density/--weights must be finite numbers, got {numbers}"
+    if opts.weights is not None and len(opts.weights) != len(inputs):
+        return f"--weights: {len(opts.weights)} weights for {len(inputs)} inputs (one per input)"
+    if method == "average" and opts.weights is not None and sum(opts.weights) == 0:
+        return "--weights: an average needs weights that do not sum to 0"
+    if rank is not None and rank < 1:
+        return f"--rank: {rank} must be at least 1"
+    return None

@@ -25,16 +25,42 @@ from moe_sys.analysis.retrieval_plot import neighbours, retrieval_curves  # noqa
 
 
 def read_records(run_dir: str) -> List[Dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """metrics.jsonl's records; a ValueError / FileNotFoundError naming the file (and line) otherwise."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: not a run directory" if os.path.exists(run_dir)
+                                else f"run directory not found: {run_dir}")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found (has this run logged any step?)")
+    records = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                records.append(_record(line, f"{path}:{number}"))
+    return records
+
+
+def _record(line: bytes, where: str) -> Dict:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not a JSON record ({e.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError(f"{where}: a metrics record is a JSON object with an integer 'step'")
+    return record
 
 
 def domain_names(run_dir: str, count: int) -> List[str]:
     """Names from the run's resolved config (domain ids are indices into data.domains)."""
     path = os.path.join(run_dir, "config.yaml")
     if os.path.exists(path):
-        with open(path) as f:
-            names = [d["name"] for d in yaml.safe_load(f)["data"]["domains"]]
+        try:
+            with open(path) as f:
+                names = [d["name"] for d in yaml.safe_load(f)["data"]["domains"]]
+        except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a resolved config with data.domains ({type(e).__name__})") from None
         if len(names) == count:
             return names
     return [str(i) for i in range(count)]
@@ -42,15 +68,22 @@ def domain_names(run_dir: str, count: int) -> List[str]:
 
 def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
     """Write every plot the run's metrics allow; returns the files written."""
-    out_dir = out_dir or os.path.join(run_dir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
     records = read_records(run_dir)
     if not records:
         raise ValueError(f"{run_dir}/metrics.jsonl has no records")
+    out_dir = out_dir or os.path.join(run_dir, "plots")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir}: is a file; a directory is expected")
+    os.makedirs(out_dir, exist_ok=True)
     written = []
     for name, draw in (("expert_load", expert_load), ("domain_usage", domain_usage), ("balance", balance),
                        ("losses", losses), ("retrieval", retrieval_curves), ("neighbours", neighbours)):
-        fig = draw(records, run_dir)
+        try:
+            fig = draw(records, run_dir)
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # records of another shape than we log
+            plt.close("all")
+            raise ValueError(f"{run_dir}/metrics.jsonl: cannot draw {name}: unexpected records "
+                             f"({type(e).__name__}: {e})") from None
         if fig is not None:
             path = os.path.join(out_dir, f"{name}.png")
             fig.savefig(path, dpi=100, bbox_inches="tight")

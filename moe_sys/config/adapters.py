@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from moe_sys.config.section import Section
 
@@ -18,8 +18,15 @@ Activation = Literal["relu", "gelu", "silu"]
 
 
 class AdapterSpec(Section):
-    name: str = Field(description="unique name; also the prefix of its weights in saved adapter files")
+    name: str = Field(min_length=1, description="unique name; also the prefix of its weights in saved adapter files")
     targets: List[str] = Field(description="module-name patterns of the base model to wrap")
+
+    @field_validator("targets")  # also for the subclasses, which give targets their own defaults
+    @classmethod
+    def _some_targets(cls, targets: List[str]) -> List[str]:
+        if not targets:
+            raise ValueError("needs at least one module-name pattern")
+        return targets
 
 
 class SlotSpec(AdapterSpec):

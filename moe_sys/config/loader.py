@@ -3,30 +3,23 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from moe_sys.config import yaml_io
 from moe_sys.config.schema import Config
+from moe_sys.config.yaml_io import ConfigError
 
-
-class ConfigError(ValueError):
-    """A config problem, worded for the user: the key path first, then what is wrong."""
+__all__ = ["ConfigError", "load_config", "deep_merge", "validate", "apply_override", "describe_errors", "dump_config"]
 
 
 def load_config(path: Optional[str], overrides: Iterable[str] = (), world_size: Optional[int] = None) -> Config:
     """Read YAML (None = defaults), apply overrides, validate types and cross-field rules."""
     raw: Dict[str, Any] = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raw = yaml_io.read_file(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     raw = deep_merge(Config().model_dump(), raw)  # defaults filled in, so overrides can index lists
@@ -47,7 +40,7 @@ def validate(raw: Dict[str, Any], world_size: Optional[int] = None) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError("\n".join(_describe(err) for err in e.errors())) from None
+        raise ConfigError("\n".join(describe_errors(e, Config))) from None
     problems = cfg.check(world_size)
     if problems:
         raise ConfigError("\n".join(problems))
@@ -57,18 +50,18 @@ def validate(raw: Dict[str, Any], world_size: Optional[int] = None) -> Config:
 def apply_override(raw: Dict[str, Any], item: str) -> None:
     """`a.b.c=value`: value parsed as YAML (so numbers, bools, lists work); list items by index."""
     key, sep, value = item.partition("=")
+    key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set moe.top_k=2")
-    parts = key.strip().split(".")
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {key}: empty key name in {key!r} (keys are joined by single dots, e.g. moe.top_k)")
     node: Any = raw
-    for part in parts[:-1]:
-        if isinstance(node, list):
-            node = node[_index(part, key, len(node))]
-        else:
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
-    parsed = yaml.safe_load(value)
+    for depth, part in enumerate(parts[:-1]):
+        node = node[_index(part, key, len(node))] if isinstance(node, list) else node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+    parsed = yaml_io.parse(value, f"--set {key}", lines=False)
     if isinstance(node, list):
         node[_index(parts[-1], key, len(node))] = parsed
     else:
@@ -81,38 +74,77 @@ def _index(part: str, key: str, n: int) -> int:
     return int(part)
 
 
-def _describe(err: Dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
+# pydantic's errors for the `type:` of a tagged union (adapters.modules items): unknown, or missing.
+TAG_ERRORS = ("union_tag_invalid", "union_tag_not_found")
+
+
+def describe_errors(e: ValidationError, root: Any) -> List[str]:
+    """One line per wrong key (pydantic may report several errors for one value). root: the
+    validated type (a section class, or an annotation such as List[AnySpec])."""
+    lines: Dict[str, str] = {}
+    for err in e.errors():
+        loc, holder, members = _walk(err["loc"], root)
+        if err["type"] in TAG_ERRORS:  # the tag is the key at fault: `type: bogus`, or none given
+            loc, holder = [*loc, err["ctx"]["discriminator"].strip("'")], members
+        key = ".".join(map(str, loc))
+        lines.setdefault(key, f"{key}: {_problem(err, holder)}")
+    return list(lines.values())
+
+
+def _problem(err: Dict[str, Any], holder: Any) -> str:
+    """holder: the section class holding the key; for a tag error, the union's member classes."""
     if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key{_suggest(err['loc'])}"
-    value = err.get("input")
-    return f"{loc}: {err['msg']} (got {value!r})"
+        return f"unknown key{_suggest(str(err['loc'][-1]), list(holder.model_fields) if holder else [])}"
+    if err["type"] in TAG_ERRORS:
+        tags = [_tag(m) for m in holder]
+        given = err["ctx"].get("tag")
+        return (f"unknown type {given!r}{_suggest(given, tags)}" if given is not None
+                else f"missing; one of {', '.join(tags)}")
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(err.get("input"), dict):  # a whole section: its rule's message says what is wrong
+        return msg
+    shown = repr(err.get("input"))
+    return f"{msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
 
 
-def _suggest(loc) -> str:
-    """', did you mean X?' for the closest valid name in the section that holds the bad key."""
-    model: Any = Config
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return ""
-        model = _section_type(field.annotation)
-    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+def _suggest(name: str, names: List[str]) -> str:
+    """', did you mean X?' for the closest valid name, else the valid names."""
+    if not names:
         return ""
-    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
-    valid = ", ".join(model.model_fields)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {valid}"
+    match = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(names)}"
 
 
-def _section_type(annotation: Any) -> Any:
-    """The BaseModel inside Optional[...] / List[...] annotations, else the annotation itself."""
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _section_type(arg)
-        if isinstance(found, type) and issubclass(found, BaseModel):
-            return found
-    return annotation
+def _walk(loc, root: Any):
+    """Pydantic's error location as the user writes the key (the ``type`` tags pydantic inserts for
+    tagged unions dropped), the section class that holds its last key (None if unknown), and the
+    section classes the location's value may be."""
+    out, here, holder = [], _sections(root), None
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+            continue
+        tagged = [m for m in here if _tag(m) == part]
+        if len(here) > 1 and tagged:  # the tag of a tagged union member, not a key
+            here = tagged
+            continue
+        holder = here[0] if len(here) == 1 else None
+        field = holder.model_fields.get(part) if holder is not None else None
+        here = _sections(field.annotation) if field is not None else []
+        out.append(part)
+    return out, holder, here
+
+
+def _tag(model: type) -> Any:
+    field = model.model_fields.get("type")
+    return field.default if field is not None else None
+
+
+def _sections(annotation: Any) -> List[type]:
+    """The BaseModel classes inside an annotation (Optional[...], List[...], tagged unions)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) or () for m in _sections(arg)]
 
 
 def dump_config(cfg: Config) -> str:

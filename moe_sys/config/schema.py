@@ -5,14 +5,14 @@ loader can report every problem as one line naming the key.
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
 from pydantic import Field
 
+from moe_sys.config import paths
 from moe_sys.config.adapters import AdaptersConfig
 from moe_sys.config.routing_rules import routing_problems
-from moe_sys.config.section import Section
+from moe_sys.config.section import Seed, Section
 from moe_sys.config.task import TaskConfig
 
 
@@ -35,16 +35,16 @@ class ViTConfig(Section):
 class ModelConfig(Section):
     arch: Literal["lm", "vit"] = Field("lm", description="lm: the decoder-only language model; vit: the image "
                                        "encoder (model.vit)")
-    vocab_size: int = Field(256, gt=0, description="256 = byte-level vocabulary of the embedded corpus")
+    vocab_size: int = Field(256, gt=0, lt=2**31, description="256 = byte-level vocabulary of the embedded corpus")
     d_model: int = Field(128, gt=0, description="hidden size D")
     n_layers: int = Field(4, gt=0)
     n_heads: int = Field(4, gt=0)
     d_ff: int = Field(256, gt=0, description="FFN hidden size F of dense blocks (and of experts unless moe.d_expert)")
     max_seq_len: int = Field(256, gt=0, description="longest sequence rotary tables are built for")
     rope_theta: float = Field(10000.0, gt=0)
-    norm_eps: float = Field(1e-5, gt=0)
+    norm_eps: float = Field(1e-5, gt=0, lt=1)
     tie_embeddings: bool = True
-    init_std: float = Field(0.02, gt=0)
+    init_std: float = Field(0.02, gt=0, lt=1)
     vit: ViTConfig = Field(default_factory=ViTConfig)
 
 
@@ -118,7 +118,7 @@ class MoEConfig(Section):
 
 
 class DomainConfig(Section):
-    name: str
+    name: str = Field(min_length=1)
     path: Optional[str] = Field(None, description="indexed-dataset prefix (.bin/.idx); None = embedded corpus")
     weight: float = Field(1.0, gt=0)
 
@@ -126,10 +126,10 @@ class DomainConfig(Section):
 class DataConfig(Section):
     domains: List[DomainConfig] = Field(
         default_factory=lambda: [DomainConfig(name="code", weight=0.5), DomainConfig(name="prose", weight=0.3),
-                                 DomainConfig(name="data", weight=0.2)]
-    )
+                                 DomainConfig(name="data", weight=0.2)],
+        min_length=1)
     seq_len: int = Field(128, gt=0)
-    seed: int = 1234
+    seed: Seed = 1234
     valid_fraction: float = Field(0.02, gt=0, lt=1)
     cache_dir: Optional[str] = Field(None, description="where corpora and sample indices are cached; None = ~/.cache/moe_sys")
 
@@ -141,13 +141,15 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, gt=0)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
-    warmup_steps: int = Field(20, ge=1, description="linear warm-up steps (DeepSpeed's WarmupCosineLR needs at least 1)")
+    warmup_steps: int = Field(20, ge=1, description="linear warm-up steps (DeepSpeed's WarmupCosineLR needs at least 1); "
+                                                   "more than train.steps warms up over all steps, with a log line")
     weight_decay: float = Field(0.1, ge=0)
-    betas: List[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
+    betas: List[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2, description="Adam's (beta1, beta2), in [0, 1)")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     eval_every: int = Field(50, gt=0)
     eval_batches: int = Field(4, gt=0)
-    seed: int = 42
+    seed: Seed = 42
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     init_from: Optional[str] = Field(None, description="start from these model weights (run dir, DeepSpeed checkpoint "
                                      "dir or .safetensors file); optimizer, schedule and step start fresh")
@@ -157,7 +159,7 @@ class ParallelConfig(Section):
     procs: int = Field(2, gt=0, description="local ranks `moe-sys train` launches when no launcher started it")
     ep_size: int = Field(2, gt=0, description="expert-parallel group size")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on GPU, gloo on CPU")
-    zero_stage: Literal[0, 1, 2] = 0
+    zero_stage: int = Field(0, ge=0, le=2, description="ZeRO stage 0, 1 or 2")
 
 
 class CheckpointConfig(Section):
@@ -167,7 +169,7 @@ class CheckpointConfig(Section):
 
 
 class LoggingConfig(Section):
-    run_dir: str = Field("runs/tiny", description="where the resolved config, metrics and checkpoints go")
+    run_dir: str = Field("runs/tiny", min_length=1, description="where the resolved config, metrics and checkpoints go")
     log_every: int = Field(10, gt=0)
     tensorboard: bool = True
     progress_bar: bool = True
@@ -214,23 +216,14 @@ class Config(Section):
         wanted = {"lm": "lm", "metric": "vit"}[self.task.type]
         if m.arch != wanted:
             problems.append(f"model.arch: task.type {self.task.type} trains model.arch {wanted}, got {m.arch}")
-        if self.task.type == "lm":
-            problems += _text_domain_problems(self.data.domains)
-        else:
+        problems += paths.problems(self)
+        if self.task.type == "metric":
             problems += metric_problems(self)
-        if self.train.init_from and not os.path.exists(self.train.init_from):
-            problems.append(f"train.init_from: nothing at {self.train.init_from!r}{_producer_hint(self.train.init_from)}")
         problems += self.adapters.problems(p.ep_size, names)
         world = world_size or p.procs
         if world % p.ep_size:
             problems.append(f"parallel.ep_size: world size {world} is not divisible by ep_size={p.ep_size}")
         return problems
-
-
-def _text_domain_problems(domains) -> List[str]:
-    return [f"data.domains.{i}.path: no indexed dataset at {d.path!r} (.bin/.idx); build one with `moe-sys prepare-data`"
-            for i, d in enumerate(domains)
-            if d.path is not None and not (os.path.exists(d.path + ".bin") and os.path.exists(d.path + ".idx"))]
 
 
 def metric_problems(cfg: "Config") -> List[str]:
@@ -242,20 +235,6 @@ def metric_problems(cfg: "Config") -> List[str]:
         problems.append(f"task.metric.sampler.m_per_class: {m} does not divide train.micro_batch_size="
                         f"{cfg.train.micro_batch_size}")
     return problems
-
-
-def _producer_hint(path: str) -> str:
-    """'; create it with `moe-sys train configs/X.yaml`' when a shipped config writes that run dir."""
-    import glob
-
-    import yaml
-
-    for candidate in sorted(glob.glob("configs/*.yaml")):
-        with open(candidate) as f:
-            run_dir = ((yaml.safe_load(f) or {}).get("logging") or {}).get("run_dir")
-        if run_dir and os.path.normpath(run_dir) == os.path.normpath(path):
-            return f"; create it first with `moe-sys train {candidate}`"
-    return "; train the run that writes it first"
 
 
 def vit_problems(m: ModelConfig) -> List[str]:

@@ -9,6 +9,7 @@ another expert-parallel size.
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Dict
 
@@ -20,11 +21,16 @@ from moe_sys.parallel.experts import is_expert_parallel
 from moe_sys.parallel.groups import ExpertGroups
 
 DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+log = logging.getLogger("moe_sys")
 
 
 def build_ds_config(cfg, world_size: int) -> Dict[str, Any]:
     """DeepSpeed config from our sections, with ``cfg.deepspeed`` merged over it."""
     t = cfg.train
+    warmup = min(t.warmup_steps, t.steps)
+    if warmup < t.warmup_steps:
+        log.info("train.warmup_steps=%d exceeds train.steps=%d: warming up over all %d steps", t.warmup_steps,
+                 t.steps, warmup)
     ds: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
@@ -33,7 +39,7 @@ def build_ds_config(cfg, world_size: int) -> Dict[str, Any]:
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "scheduler": {
             "type": "WarmupCosineLR",
-            "params": {"total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
+            "params": {"total_num_steps": t.steps, "warmup_num_steps": warmup, "warmup_type": "linear",
                        "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio},
         },
         "bf16": {"enabled": t.dtype == "bf16"},

@@ -35,8 +35,14 @@ class PointState:
 
 
 def plan(sweep: Sweep) -> List[PointState]:
-    """Resolve every point's config and find out which points are finished."""
-    return [_state(sweep, point) for point in sweep.points]
+    """Resolve every point's config and find out which points are finished. A grid none of whose
+    points validates is a mistake in the sweep file (a key or base that does not exist, say): a
+    ConfigError naming the file and the first point's problem, before anything runs."""
+    states = [_state(sweep, point) for point in sweep.points]
+    if all(s.cfg is None for s in states):
+        first = states[0].reason.removeprefix("config error: ").splitlines()[0]
+        raise ConfigError(f"{sweep.spec_path}: no point of the grid has a valid config; {states[0].point.name}: {first}")
+    return states
 
 
 def _state(sweep: Sweep, point: Point) -> PointState:

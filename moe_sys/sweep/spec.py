@@ -21,17 +21,18 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from moe_sys.config import ConfigError
+from moe_sys.config import ConfigError, yaml_io
+from moe_sys.config.loader import describe_errors
+from moe_sys.config.section import Section
 
 # What a plot's y axis can show: a column of results.csv (moe_sys.sweep.report).
 Metric = Literal["val_loss", "loss", "tokens_per_s", "load_imbalance"]
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Spec(Section):
+    """Strict types and unknown keys refused, as in config sections."""
 
 
 class PlotSpec(_Spec):
@@ -74,14 +75,13 @@ class Sweep:
 
 def load_sweep(path: str) -> Sweep:
     """Read and check a sweep file; expand its grid."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"sweep file not found: {path}")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = yaml_io.read_file(path, "sweep file")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (base, grid, ...), got {type(raw).__name__}")
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError("\n".join(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        raise ConfigError("\n".join(f"{path}: {line}" for line in describe_errors(e, SweepSpec))) from None
     for key, values in spec.grid.items():
         if not values:
             raise ConfigError(f"{path}: grid.{key}: needs at least one value")

@@ -5,6 +5,8 @@ import json
 import os
 import time
 
+import yaml
+
 from tests.e2e.conftest import TINY, run_cli
 
 GRID = {"moe.num_experts": [4, 8], "moe.top_k": [2, 6]}  # (4 experts, top-6) does not validate
@@ -18,7 +20,8 @@ def _results(out_dir):
 
 def test_grid_runs_reports_failure_and_rerun_does_nothing(tmp_path, quick_sets):
     out_dir = tmp_path / "sweep"
-    fixed = {item.split("=", 1)[0]: item.split("=", 1)[1] for item in quick_sets[1::2]}
+    # --set values are YAML ("false" is a bool); a sweep file's `set` holds the values themselves
+    fixed = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in quick_sets[1::2])}
     fixed.update({"train.steps": 4, "train.eval_every": 2, "logging.log_every": 1, "model.n_layers": 2,
                   "data.seq_len": 64, "train.micro_batch_size": 4, "checkpoint.save_final": False})
     spec = tmp_path / "grid.yaml"

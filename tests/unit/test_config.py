@@ -2,7 +2,7 @@
 import pytest
 
 from moe_sys.cli import main
-from moe_sys.config import ConfigError, load_config, validate
+from moe_sys.config import ConfigError, load_config, validate, yaml_io
 
 
 def _error(raw, **kw):
@@ -52,3 +52,13 @@ def test_cli_prints_resolved_config_and_one_line_errors(capsys):
     assert "top_k: 1" in capsys.readouterr().out
     assert main(["config", "configs/tiny.yaml", "--set", "moe.top_kk=1"]) == 2
     assert capsys.readouterr().err.strip() == "config error: moe.top_kk: unknown key; did you mean 'top_k'?"
+
+
+def test_what_strict_reading_still_accepts(tmp_path):
+    """YAML 1.2 floats (1e-3), integers for floats, a UTF-8 BOM, merge keys overridden in their mapping."""
+    cfg = load_config(None, ["train.lr=1e-3", "moe.capacity_factor=2", "model.rope_theta=1E6"])
+    assert cfg.train.lr == 1e-3 and cfg.moe.capacity_factor == 2.0 and cfg.model.rope_theta == 1e6
+    path = tmp_path / "c.yaml"
+    path.write_bytes("\ufefftrain: {lr: 1e-2, steps: 9}\n".encode("utf-8"))
+    assert load_config(str(path)).train.lr == 1e-2
+    assert yaml_io.parse("a: &d {x: 1, y: 2}\nb:\n  <<: *d\n  x: 3\n", "t")["b"] == {"x": 3, "y": 2}

@@ -42,7 +42,7 @@ def test_spec_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="grid.moe.top_k: needs at least one value"):
         load_sweep(str(tmp_path / "bad.yaml"))
     (tmp_path / "bad.yaml").write_text("base: x.yaml\ngird: {moe.top_k: [1]}\n")
-    with pytest.raises(ConfigError, match="gird: Extra inputs"):
+    with pytest.raises(ConfigError, match="gird: unknown key; did you mean 'grid'"):
         load_sweep(str(tmp_path / "bad.yaml"))
 
 
