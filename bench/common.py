@@ -46,17 +46,26 @@ def set_malloc(mode: str) -> None:
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Dict[str, List[float]]:
-    """Seconds per call of each function, one sample per round; each round calls every function once."""
+    """Seconds per call of each function, one sample per round; each round calls every function once.
+    On a GPU the device is drained before and after each call, so a sample is the call's whole device work."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()
             samples[name].append(time.perf_counter() - start)
     return samples
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (CUDA launches are asynchronous); nothing to wait for on the CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def median(samples: Sequence[float]) -> float:

@@ -26,6 +26,7 @@ class Case:
     K: int
     dtype: torch.dtype
     capacity_factor: Optional[float] = None  # None: dropless layout
+    device: str = "cpu"
 
     @property
     def capacity(self) -> Optional[int]:
@@ -44,10 +45,11 @@ class Inputs:
 
 
 def make_inputs(case: Case, seed: int = 0) -> Inputs:
-    """Random tokens and a softmax top-k routing of random logits (weights renormalised over k)."""
+    """Random tokens and a softmax top-k routing of random logits (weights renormalised over k), drawn
+    on the CPU (the same numbers on every device) and moved to ``case.device``."""
     g = torch.Generator().manual_seed(seed)
-    x_TD = torch.randn(case.T, case.D, generator=g).to(case.dtype)
-    logits_TE = torch.randn(case.T, case.E, generator=g)
+    x_TD = torch.randn(case.T, case.D, generator=g).to(case.device, case.dtype)
+    logits_TE = torch.randn(case.T, case.E, generator=g).to(case.device)
     weights_TK, expert_ids_TK = _top_k(logits_TE, case.K)
     return Inputs(x_TD, logits_TE, expert_ids_TK, weights_TK)
 
@@ -77,8 +79,9 @@ def megatron(case: Case, inputs: Inputs) -> Callable[[], torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
         from megatron.core.transformer.moe import moe_utils
-    routing_map_TE = torch.zeros(case.T, case.E, dtype=torch.bool).scatter_(1, inputs.expert_ids_TK, True)
-    probs_TE = torch.zeros(case.T, case.E).scatter_(1, inputs.expert_ids_TK, inputs.weights_TK)
+    routing_map_TE = torch.zeros(case.T, case.E, dtype=torch.bool, device=case.device).scatter_(
+        1, inputs.expert_ids_TK, True)
+    probs_TE = torch.zeros(case.T, case.E, device=case.device).scatter_(1, inputs.expert_ids_TK, inputs.weights_TK)
     num_out = case.T * case.K
 
     def run():

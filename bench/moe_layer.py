@@ -2,9 +2,11 @@
 a dense FFN with the same active FLOPs (the floor no MoE layer can beat).
 
 Run from the repository root: ``python -m bench.moe_layer [--quick] [--d-model D] [--reps N] [--no-write]``.
+On a GPU: ``python -m bench.moe_layer --device cuda --dtype bf16 --d-model 1024 --tokens 16384 --experts 8 64 256
+--top-k 2 --no-write --json out.json`` (bench/gpu/run.sh does this).
 
 Legend: B batch, S sequence, T = B*S tokens, D model dim, F expert hidden dim, E experts, K top-k.
-All contenders use SwiGLU experts in fp32 and the loss y.square().mean(); each point is the median of
+All contenders use SwiGLU experts in one dtype (fp32 unless --dtype) and the loss y.square().mean(); each point is the median of
 interleaved repeats of forward + backward (parameter gradients included). moe_sys runs dropless with
 the compiled ops; DeepSpeed drops at capacity factor 1.25 (its default), so it computes up to 1.25x
 the expert rows. The full grid takes about 10 minutes on a quiet 2-core machine (D=256; --d-model changes D).
@@ -12,6 +14,7 @@ the expert rows. The full grid takes about 10 minutes on a quiet 2-core machine 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -63,7 +66,8 @@ class LoopMoE(nn.Module):
 
 
 def _deepspeed_moe(D: int, F_: int, E: int, K: int) -> nn.Module:
-    """deepspeed.moe.layer.MoE (capacity factor 1.25, its default token dropping) in a 1-rank gloo world."""
+    """deepspeed.moe.layer.MoE (capacity factor 1.25, its default token dropping) in a 1-rank world
+    (gloo on CPU, nccl on a GPU: its all-to-all runs on the tensors' device)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import deepspeed
@@ -73,7 +77,7 @@ def _deepspeed_moe(D: int, F_: int, E: int, K: int) -> nn.Module:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     moe = MoE(D, SwiGLU(D, F_), num_experts=E, ep_size=1, k=K, capacity_factor=1.25, min_capacity=0)
     moe.set_deepspeed_parallelism()
     return moe
@@ -121,18 +125,22 @@ def step(module: nn.Module, *inputs: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def grid(D: int, quick: bool):
-    """(T, F, E, K) points: the issue's grid, coarse (F=4D) and fine-grained (F=D/2) experts."""
+def grid(D: int, quick: bool, tokens=None, experts=None, top_k=None):
+    """(T, F, E, K) points: the issue's grid, coarse (F=4D) and fine-grained (F=D/2) experts; the
+    tokens/experts/top_k lists, where given, replace the grid's own."""
     Ts, Es, Ks = ((1024,), (8, 64), (1, 2)) if quick else ((4096, 16384), (8, 64, 256), (1, 2, 8))
+    Ts, Es, Ks = tokens or Ts, experts or Es, top_k or Ks
     return [(T, F_, E, K) for T in Ts for F_ in (4 * D, D // 2) for E in Es for K in Ks]
 
 
-def bench(points, D: int, reps: int) -> str:
+def bench(points, D: int, reps: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(headers, rows) of the grid; modules are built on ``device`` (no host copy of E experts) in ``dtype``."""
     rows, headers = [], None
     for T, F_, E, K in points:
-        modules = contenders(D, F_, E, K)
-        x_BSD = torch.randn(max(T // 1024, 1), min(T, 1024), D)
-        floor_inputs = (torch.randn(T * K, D), x_BSD.view(T, D))
+        with torch.device(device):
+            modules = {name: m.to(dtype) for name, m in contenders(D, F_, E, K).items()}
+            x_BSD = torch.randn(max(T // 1024, 1), min(T, 1024), D, dtype=dtype)
+            floor_inputs = (torch.randn(T * K, D, dtype=dtype), x_BSD.view(T, D))
         steps = {name: step(m, *(floor_inputs if name in (FLOOR, FLOOR_ROUTER) else (x_BSD,)))
                  for name, m in modules.items()}
         secs = common.time_interleaved(steps, reps, warmup=1)
@@ -144,7 +152,10 @@ def bench(points, D: int, reps: int) -> str:
                      *[common.ratio(secs[n], secs[OURS]) for n in peers],
                      common.ratio(secs[OURS], secs[FLOOR]), common.ratio(secs[OURS], secs[FLOOR_ROUTER])])
         print(common.table(headers, rows[-1:]).splitlines()[-1], flush=True)
-    return common.table(headers, rows)
+    return headers, rows
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def main(argv=None) -> None:
@@ -153,13 +164,23 @@ def main(argv=None) -> None:
     parser.add_argument("--d-model", type=int, default=256, help="model dim D (default 256)")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds per point, after one warm-up round")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--tokens", type=int, nargs="+", help="T values, replacing the grid's")
+    parser.add_argument("--experts", type=int, nargs="+", help="E values, replacing the grid's")
+    parser.add_argument("--top-k", type=int, nargs="+", help="K values, replacing the grid's")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.d_model < 2 or args.d_model % 2:
         parser.error(f"--d-model must be an even number >= 2, got {args.d_model}")
     common.set_malloc("warm")
     ops.set_impl("kernel")
-    result = bench(grid(args.d_model, args.quick), args.d_model, args.reps)
+    points = grid(args.d_model, args.quick, args.tokens, args.experts, args.top_k)
+    headers, rows = bench(points, args.d_model, args.reps, args.device, DTYPES[args.dtype])
+    result = common.table(headers, rows)
     print(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps([dict(zip(headers, row)) for row in rows], indent=1))
     if not args.no_write:
         common.write_section("moe-layer", "bench.moe_layer", result)
 

@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help=".txt files (one document each) or .jsonl files (one per line)")
     p.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", help="a tokenizer.json or a Hugging Face model dir (default: bytes)")
+    tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+                     help="train a byte-level BPE of this vocabulary size on the inputs (offline)")
     sub.add_parser("doctor", help="show the environment: torch, DeepSpeed, kernels, launch variables")
     p = sub.add_parser("plot", help="draw PNGs of a run's expert load, domain x expert usage and losses")
     p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
@@ -43,11 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors: embeddings [N, D] and the paths in its metadata")
     _merge_args(sub.add_parser("merge", help="merge models or adapters (average, task arithmetic, TIES, DARE), "
                                              "or upcycle a dense model into an MoE one"))
+    p = sub.add_parser("convert", help="Hugging Face <-> moe_sys: from-hf HF_DIR (config.json + safetensors), "
+                                       "to-hf RUN_DIR (a run or a from-hf output)")
+    p.add_argument("direction", choices=["from-hf", "to-hf", "lora-to-peft", "lora-from-peft"])
+    p.add_argument("source", help="from-hf: a Hugging Face model dir; to-hf: a run dir with config.yaml; "
+                                  "lora-to-peft: an adapter dir; lora-from-peft: a PEFT adapter dir")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--base", help="lora-*: the base model's dir (a from-hf output or run dir with config.yaml)")
+    p = sub.add_parser("generate", help="sample text from a run dir, a convert dir or a Hugging Face dir")
+    p.add_argument("model", help="RUN_DIR (config.yaml + checkpoint or model.safetensors) or HF_DIR (config.json)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method", help="average | task_arithmetic | ties | dare_linear | dare_ties | upcycle")
+    p.add_argument("method", help="average | task_arithmetic | magnitude_prune | ties | dare_linear | dare_ties | upcycle")
     p.add_argument("inputs", nargs="*", help="models (run dirs, DeepSpeed checkpoints, .safetensors) or adapter dirs")
     p.add_argument("--out", required=True, help="output .safetensors (models) or directory (adapters)")
     p.add_argument("--base", help="theta_0 of the task vectors (models); the dense model to upcycle")
@@ -55,6 +73,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=1.0, help="lambda: scale of the merged task vector")
     p.add_argument("--density", type=float, default=0.2, help="share of each task vector TIES/DARE keep")
     p.add_argument("--seed", type=int, default=0, help="DARE drop masks; upcycling noise and routers")
+    p.add_argument("--convention", default="peft", help="peft | mergekit: whose TIES/DARE formulas")
+    p.add_argument("--majority-sign", default="total", help="total | frequency: TIES' sign election")
     p.add_argument("--rank", type=int, help="rank of merged LoRA adapters (default: sum of the inputs' ranks)")
     p.add_argument("--config", help="upcycle: config of the MoE model to build")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -120,7 +140,8 @@ def _prepare_data(args) -> int:
     from moe_sys.data import PrepareDataError, prepare_data
 
     try:
-        stats = prepare_data(args.inputs, args.output, text_key=args.text_key)
+        stats = prepare_data(args.inputs, args.output, text_key=args.text_key, tokenizer=args.tokenizer,
+                             train_tokenizer=args.train_tokenizer)
     except PrepareDataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -164,9 +185,36 @@ def _merge(args) -> int:
     from moe_sys.adapters import merge
 
     cfg = load_config(args.config, args.overrides) if args.method == "upcycle" else None
-    opts = merge.MergeOptions(args.method, args.weights, args.lam, args.density, args.seed)
+    opts = merge.MergeOptions(args.method, args.weights, args.lam, args.density, args.seed, args.convention,
+                              args.majority_sign)
     try:
         print(merge.run(args.method, args.inputs, args.out, opts, args.base, args.rank, cfg, args.noise_std))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _convert(args) -> int:
+    from moe_sys.weights import hf_write
+
+    try:
+        if args.direction in ("from-hf", "to-hf"):
+            convert = hf_write.from_hf if args.direction == "from-hf" else hf_write.to_hf
+            print(convert(args.source, args.out))
+        else:
+            print(hf_write.convert_lora(args.direction, args.source, args.base, args.out))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _generate(args) -> int:
+    from moe_sys.models import generate
+
+    try:
+        print(generate.run(args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -197,7 +245,7 @@ def _embed(args) -> int:
 
 
 COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot, "sweep": _sweep,
-            "merge": _merge, "embed": _embed}
+            "merge": _merge, "convert": _convert, "generate": _generate, "embed": _embed}
 
 if __name__ == "__main__":
     sys.exit(main())

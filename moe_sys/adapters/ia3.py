@@ -1,7 +1,7 @@
 """(IA)^3 (Liu et al. 2022): learned vectors l rescale keys, values and the FFN hidden.
 
 k' = l_k * (W_k x), v' = l_v * (W_v x), ffn = W_down(l_ff * h). Output targets rescale output features
-(for the fused q/k/v projection only the k and v thirds); feedforward targets rescale their input,
+(for the fused q/k/v projection only the k and v rows); feedforward targets rescale their input,
 which is the FFN hidden for the down projection (as PEFT's ``feedforward_modules``). Stored as
 delta = l - 1, zero-initialised: then an example with no adapter (a zero weight row) mixes to l = 1,
 and slots mix linearly in l.
@@ -55,4 +55,10 @@ class IA3Linear(SlotAdapter):
 def build(base_layer: nn.Linear, spec, site) -> IA3Linear:
     fused = matches(site.path, spec.fused_qkv)
     return IA3Linear(base_layer, spec.name, spec.slot_names(), scale_input=matches(site.path, spec.feedforward),
-                     offset=base_layer.out_features // 3 if fused else 0)
+                     offset=_q_width(base_layer) if fused else 0)
+
+
+def _q_width(qkv: nn.Linear) -> int:
+    """Where k starts in a fused q/k/v projection (q is wider than k and v under grouped-query attention)."""
+    sizes = getattr(qkv, "split_sizes", None)
+    return sizes[0] if sizes is not None else qkv.out_features // 3

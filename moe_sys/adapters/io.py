@@ -1,5 +1,4 @@
-"""Weights on disk: adapters alone (safetensors + a small JSON manifest), and whole single-device models
-read from DeepSpeed checkpoints or safetensors files (``train.init_from``, merging, upcycling).
+"""Adapters on disk: safetensors + a small JSON manifest (whole-model weights: ``moe_sys.weights.io``).
 
 Adapter directory:
     adapters.safetensors   every adapter parameter under its name in the model, full size (expert banks
@@ -9,7 +8,6 @@ A directory loads onto any base model the specs fit (``adapters.load_from``, or 
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Any, Dict
@@ -22,7 +20,6 @@ from safetensors.torch import load_file, save_file
 
 from moe_sys.adapters.base import AdapterLayer
 from moe_sys.config.adapters import AnySpec
-from moe_sys.parallel.deepspeed_engine import stack_expert_keys
 
 ADAPTER_FILE, MANIFEST_FILE, FORMAT = "adapters.safetensors", "manifest.json", 1
 
@@ -105,42 +102,3 @@ def load_adapter_weights(model: nn.Module, directory: str) -> None:
                 raise ValueError(f"{directory}: {key} has shape {tuple(tensor.shape)}, the model's is "
                                  f"{tuple(param.shape)}")
             param.copy_(tensor)
-
-
-def read_model_weights(path: str) -> Dict[str, torch.Tensor]:
-    """A single-device state dict (expert banks stacked [E, ...]) from a .safetensors file, or from a
-    DeepSpeed checkpoint: a run dir, its checkpoints/ dir (latest tag), or a tag dir."""
-    if path.endswith(".safetensors"):
-        return load_file(path)
-    tag_dir = _tag_dir(path)
-    state = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
-                       weights_only=False)["module"]
-    for expert_file in sorted(glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt"))):
-        state.update(torch.load(expert_file, map_location="cpu", weights_only=False))
-    return stack_expert_keys(state)
-
-
-def _tag_dir(path: str) -> str:
-    for root in (os.path.join(path, "checkpoints"), path):
-        latest = os.path.join(root, "latest")
-        if os.path.exists(latest):
-            with open(latest) as f:
-                return os.path.join(root, f.read().strip())
-    if os.path.exists(os.path.join(path, "mp_rank_00_model_states.pt")):
-        return path
-    raise FileNotFoundError(f"{path}: neither a .safetensors file nor a DeepSpeed checkpoint (run dir, "
-                            "checkpoints dir or tag dir)")
-
-
-def load_model_weights(model: nn.Module, path: str) -> None:
-    """Load a whole model's weights (strict: every key must fit)."""
-    state = read_model_weights(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-
-
-def save_model_weights(state: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str] = None) -> None:
-    """safetensors refuses tensors sharing storage (tied embeddings): every entry is saved as its own copy."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, path, metadata=metadata)

@@ -122,7 +122,7 @@ class IA3Spec(SlotSpec):
     feedforward: List[str] = Field(default_factory=lambda: ["layers.*.ffn.down"],
                                    description="targets whose INPUT is rescaled (the FFN hidden before down)")
     fused_qkv: List[str] = Field(default_factory=lambda: ["layers.*.attn.qkv"],
-                                 description="fused q/k/v targets: only the k and v thirds are rescaled")
+                                 description="fused q/k/v targets: only the k and v rows are rescaled")
 
 
 class PrefixSpec(SlotSpec):

@@ -14,9 +14,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from moe_sys.config.adapters import AnySpec
 
-# A DeepSpeed checkpoint as moe_sys.adapters.io.read_model_weights finds it: a run dir, its
-# checkpoints/ dir (both through `latest`), or one tag dir.
-_CHECKPOINT_MARKERS = (("checkpoints", "latest"), ("latest",), ("mp_rank_00_model_states.pt",))
+# Model weights as moe_sys.weights.io.read_model_weights finds them: a DeepSpeed run dir, its
+# checkpoints/ dir (both through `latest`), one tag dir, or a Hugging Face model dir (config.json).
+_CHECKPOINT_MARKERS = (("checkpoints", "latest"), ("latest",), ("mp_rank_00_model_states.pt",), ("config.json",))
 ADAPTER_FILES = ("manifest.json", "adapters.safetensors")
 
 
@@ -44,7 +44,8 @@ def _weights_problem(path: str) -> Optional[str]:
         return "does not exist" + _producer_hint(path)
     if any(os.path.exists(os.path.join(path, *marker)) for marker in _CHECKPOINT_MARKERS):
         return None
-    return "holds no DeepSpeed checkpoint (a run dir, its checkpoints/ dir or a tag dir) nor is a .safetensors file"
+    return ("holds no DeepSpeed checkpoint (a run dir, its checkpoints/ dir or a tag dir) nor a Hugging Face "
+            "model (config.json), nor is a .safetensors file")
 
 
 def _producer_hint(path: str) -> str:

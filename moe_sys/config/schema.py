@@ -12,6 +12,7 @@ from pydantic import Field
 
 from moe_sys.config import paths
 from moe_sys.config.adapters import AdaptersConfig
+from moe_sys.config.data_vocab import vocab_problems
 from moe_sys.config.routing_rules import routing_problems
 from moe_sys.config.section import Seed, Section
 from moe_sys.config.task import TaskConfig
@@ -40,6 +41,12 @@ class ModelConfig(Section):
     d_model: int = Field(128, gt=0, description="hidden size D")
     n_layers: int = Field(4, gt=0)
     n_heads: int = Field(4, gt=0)
+    n_kv_heads: Optional[int] = Field(None, gt=0, description="key/value heads (grouped-query attention); "
+                                      "None = n_heads")
+    head_dim: Optional[int] = Field(None, gt=0, description="features per head; None = d_model / n_heads")
+    qkv_bias: bool = Field(False, description="bias on the q/k/v projection (Qwen2)")
+    qk_norm: Literal["none", "head", "full"] = Field(
+        "none", description="RMSNorm on queries and keys before rotary: per head (Qwen3) or over all heads (OLMoE)")
     d_ff: int = Field(256, gt=0, description="FFN hidden size F of dense blocks (and of experts unless moe.d_expert)")
     max_seq_len: int = Field(256, gt=0, description="longest sequence rotary tables are built for")
     rope_theta: float = Field(10000.0, gt=0)
@@ -110,8 +117,17 @@ class MoEConfig(Section):
     shared_experts: int = Field(0, ge=0, description="always-on experts beside the routed ones (one dense FFN of "
                                 "shared_experts * expert width)")
     shared_gate: bool = Field(False, description="scale the shared experts' output by a learned per-token sigmoid")
+    d_shared: Optional[int] = Field(None, gt=0, description="width of the shared FFN; None = shared_experts * expert "
+                                    "width (Qwen2-MoE's shared_expert_intermediate_size)")
+    dense_layers: List[int] = Field(default_factory=list, description="layers whose FFN stays dense even where "
+                                    "first_moe_layer/every would make it MoE (Qwen-MoE's mlp_only_layers)")
     router: RouterConfig = Field(default_factory=RouterConfig)
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Does layer i hold an MoE block?"""
+        placed = i >= self.first_moe_layer and (i - self.first_moe_layer) % self.every == 0
+        return self.enabled and placed and i not in self.dense_layers
 
     def check(self, num_domains: int) -> List[str]:
         """Router/balance rules, one line each (see docs/routing.md)."""
@@ -133,6 +149,8 @@ class DataConfig(Section):
     seed: Seed = 1234
     valid_fraction: float = Field(0.02, gt=0, lt=1)
     cache_dir: Optional[str] = Field(None, description="where corpora and sample indices are cached; None = ~/.cache/moe_sys")
+    embedded_bpe: Optional[int] = Field(None, gt=256, description="tokenise the embedded corpus with a byte-level BPE "
+                                        "of this vocabulary, trained on it once and cached; None = bytes")
 
 
 class TrainConfig(Section):
@@ -153,7 +171,8 @@ class TrainConfig(Section):
     seed: Seed = 42
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     init_from: Optional[str] = Field(None, description="start from these model weights (run dir, DeepSpeed checkpoint "
-                                     "dir or .safetensors file); optimizer, schedule and step start fresh")
+                                     "dir, .safetensors file or Hugging Face model dir); optimizer, schedule and "
+                                     "step start fresh")
 
 
 class ParallelConfig(Section):
@@ -197,9 +216,14 @@ class Config(Section):
         """Cross-field problems as (key, message) lines; empty when the config is consistent."""
         m, moe, p = self.model, self.moe, self.parallel
         problems = []
-        if m.d_model % m.n_heads or (m.arch == "lm" and (m.d_model // m.n_heads) % 2):  # rotary pairs dims
-            size = "of even size" if m.arch == "lm" else "of equal size"
-            problems.append(f"model.n_heads: d_model={m.d_model} must split into {m.n_heads} heads {size}")
+        if m.arch == "lm" and m.head_dim is None and (m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2):
+            problems.append(f"model.n_heads: d_model={m.d_model} must split into {m.n_heads} heads of even size")
+        if m.arch == "vit" and m.d_model % m.n_heads:
+            problems.append(f"model.n_heads: d_model={m.d_model} must split into {m.n_heads} heads of equal size")
+        if m.head_dim is not None and m.head_dim % 2:
+            problems.append(f"model.head_dim: {m.head_dim} must be even (rotary pairs)")
+        if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+            problems.append(f"model.n_kv_heads: n_heads={m.n_heads} must be a multiple of n_kv_heads={m.n_kv_heads}")
         if m.arch == "vit":
             problems += vit_problems(m)
         if moe.top_k > moe.num_experts:
@@ -220,6 +244,8 @@ class Config(Section):
         problems += paths.problems(self)
         if self.task.type == "metric":
             problems += metric_problems(self)
+        if self.task.type == "lm":
+            problems += vocab_problems(m.vocab_size, self.data.domains, self.data.embedded_bpe)
         problems += self.adapters.problems(p.ep_size, names)
         world = world_size or p.procs
         if world % p.ep_size:

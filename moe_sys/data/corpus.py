@@ -47,16 +47,18 @@ def default_cache_root() -> Path:
     return Path.home() / ".cache" / "moe_sys"
 
 
-def corpus_dir(cache_root: str | os.PathLike | None = None, max_bytes: Mapping[str, int] | None = None) -> Path:
-    """The directory the embedded corpus for this interpreter and these caps lives in."""
+def corpus_dir(cache_root: str | os.PathLike | None = None, max_bytes: Mapping[str, int] | None = None,
+               bpe_vocab: int | None = None) -> Path:
+    """The directory the embedded corpus for this interpreter, these caps and tokenizer lives in."""
     caps = dict(sorted((max_bytes or DEFAULT_MAX_BYTES).items()))
     digest = hashlib.sha1(json.dumps(caps).encode()).hexdigest()[:8]
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    return root / "corpus" / f"py{platform.python_version()}-v{CORPUS_VERSION}-{digest}"
+    tokenizer = f"-bpe{bpe_vocab}" if bpe_vocab else ""
+    return root / "corpus" / f"py{platform.python_version()}-v{CORPUS_VERSION}-{digest}{tokenizer}"
 
 
 def ensure_corpus(cache_root: str | os.PathLike | None = None,
-                  max_bytes: Mapping[str, int] | None = None) -> dict[str, str]:
+                  max_bytes: Mapping[str, int] | None = None, bpe_vocab: int | None = None) -> dict[str, str]:
     """Build the embedded corpus if it is not cached yet; return ``{domain: indexed-dataset prefix}``.
 
     Safe to call from many processes at once (all ranks of a job may call it): one builds, the others
@@ -65,24 +67,25 @@ def ensure_corpus(cache_root: str | os.PathLike | None = None,
     Args:
         cache_root: cache root directory; None = ``default_cache_root()``.
         max_bytes: per-domain size caps in bytes; None = ``DEFAULT_MAX_BYTES``.
+        bpe_vocab: tokenise with a byte-level BPE of this vocabulary trained on the corpus; None = bytes.
     Returns:
         dict mapping each of ``DOMAINS`` to its prefix (``<dir>/<domain>``, without .bin/.idx).
     """
-    final = corpus_dir(cache_root, max_bytes)
+    final = corpus_dir(cache_root, max_bytes, bpe_vocab)
     if not (final / _MANIFEST).exists():
         with file_lock(final.parent / f"{final.name}.lock"):
             if not (final / _MANIFEST).exists():
-                _build_and_publish(final, max_bytes)
+                _build_and_publish(final, max_bytes, bpe_vocab)
     return {domain: str(final / domain) for domain in DOMAINS}
 
 
-def _build_and_publish(final: Path, max_bytes: Mapping[str, int] | None) -> None:
+def _build_and_publish(final: Path, max_bytes: Mapping[str, int] | None, bpe_vocab: int | None = None) -> None:
     """Build into a fresh temp dir next to ``final`` and rename it into place (caller holds the lock)."""
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by crashed builds
         shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     try:
-        manifest = build_corpus(tmp, max_bytes)
+        manifest = build_corpus(tmp, max_bytes, bpe_vocab)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -92,12 +95,15 @@ def _build_and_publish(final: Path, max_bytes: Mapping[str, int] | None) -> None
     logger.info("built embedded corpus at %s in %.1fs: %s", final, manifest["build_seconds"], sizes)
 
 
-def build_corpus(out_dir: str | os.PathLike, max_bytes: Mapping[str, int] | None = None) -> dict:
+def build_corpus(out_dir: str | os.PathLike, max_bytes: Mapping[str, int] | None = None,
+                 bpe_vocab: int | None = None) -> dict:
     """Write every domain's indexed dataset plus ``manifest.json`` into ``out_dir`` (no caching).
 
     Args:
         out_dir: directory to create and fill.
         max_bytes: per-domain size caps; None = ``DEFAULT_MAX_BYTES``.
+        bpe_vocab: train a byte-level BPE of this vocabulary on all domains first (``tokenizer.json``,
+            and ``<domain>.tokenizer.json`` beside each dataset); None = bytes.
     Returns:
         the manifest: versions, and per domain its document and token counts.
     """
@@ -105,15 +111,22 @@ def build_corpus(out_dir: str | os.PathLike, max_bytes: Mapping[str, int] | None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    domains = {}
+    domains, tokenizer = {}, None
+    texts = {domain: _take(stdlib_text.sources(domain), caps[domain]) for domain in DOMAINS}
+    if bpe_vocab:
+        from moe_sys.data.bpe import train_bpe
+
+        texts = {domain: list(t) for domain, t in texts.items()}
+        tokenizer = train_bpe([t for d in DOMAINS for t in texts[d]], bpe_vocab, str(out_dir / "tokenizer.json"))
     for domain in DOMAINS:
-        stats = write_indexed_dataset(out_dir / domain, _take(stdlib_text.sources(domain), caps[domain]))
+        stats = write_indexed_dataset(out_dir / domain, texts[domain], tokenizer)
         domains[domain] = {"documents": stats.documents, "tokens": stats.tokens, "max_bytes": caps[domain]}
     manifest = {
         "corpus_version": CORPUS_VERSION,
         "python": platform.python_version(),
         "unicodedata": unicodedata.unidata_version,
-        "eod": 0,
+        "eod": tokenizer.eod if tokenizer else 0,
+        "tokenizer": f"bpe-{bpe_vocab}" if bpe_vocab else "bytes",
         "domains": domains,
         "build_seconds": round(time.perf_counter() - start, 2),
     }

@@ -30,7 +30,7 @@ import torch
 
 from moe_sys.data.corpus import DOMAINS, default_cache_root, ensure_corpus
 from moe_sys.data.indexed import file_lock
-from moe_sys.data.tokenizer import ByteTokenizer
+from moe_sys.data.bpe import tokenizer_for
 
 
 class DomainBlendDataset(torch.utils.data.Dataset):
@@ -69,6 +69,7 @@ def build_datasets(
     num_valid_samples: int,
     cache_dir: str | os.PathLike | None = None,
     valid_fraction: float = 0.02,
+    embedded_bpe: Optional[int] = None,
 ) -> tuple[DomainBlendDataset, Optional[DomainBlendDataset]]:
     """Build the blended train and held-out valid datasets. Call on every rank (it holds barriers).
 
@@ -81,6 +82,7 @@ def build_datasets(
         num_valid_samples: valid dataset length; 0 returns no valid dataset.
         cache_dir: cache root for the embedded corpus and sample indices; None = ``~/.cache/moe_sys``.
         valid_fraction: fraction of each domain's documents held out for validation.
+        embedded_bpe: the embedded corpus tokenised with a BPE of this vocabulary (None = bytes).
     Returns:
         (train, valid) DomainBlendDatasets; valid is None when ``num_valid_samples`` is 0.
     """
@@ -88,7 +90,7 @@ def build_datasets(
         raise ValueError("data.domains is empty")
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     names = list(domains)
-    prefixes = resolve_prefixes(domains, cache_root)
+    prefixes = resolve_prefixes(domains, cache_root, embedded_bpe)
     weights = _normalized_weights([w for _, w in domains.values()], names)
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
@@ -115,7 +117,8 @@ def build_datasets(
     return DomainBlendDataset(train, names), valid
 
 
-def resolve_prefixes(domains: Mapping[str, tuple[Optional[str], float]], cache_root: Path) -> list[str]:
+def resolve_prefixes(domains: Mapping[str, tuple[Optional[str], float]], cache_root: Path,
+                     embedded_bpe: Optional[int] = None) -> list[str]:
     """Each domain's indexed-dataset prefix, building the embedded corpus if a domain needs it."""
     embedded = None
     prefixes = []
@@ -124,7 +127,7 @@ def resolve_prefixes(domains: Mapping[str, tuple[Optional[str], float]], cache_r
             if name not in DOMAINS:
                 raise ValueError(f"data domain {name!r} has no path and is not an embedded domain "
                                  f"({', '.join(DOMAINS)}); give it a path from `moe-sys prepare-data`")
-            embedded = embedded or ensure_corpus(cache_root)
+            embedded = embedded or ensure_corpus(cache_root, bpe_vocab=embedded_bpe)
             prefix = embedded[name]
         elif not (os.path.exists(f"{prefix}.bin") and os.path.exists(f"{prefix}.idx")):
             raise FileNotFoundError(f"data domain {name!r}: no indexed dataset at {prefix!r} (.bin/.idx)")
@@ -151,7 +154,7 @@ def _gpt_config(prefix: str, seq_len: int, seed: int, split: str, index_dir: Pat
         blend=([prefix], None),
         split=split,
         path_to_cache=str(index_dir),
-        tokenizer=ByteTokenizer(),
+        tokenizer=tokenizer_for(prefix),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,  # predicting the end of a document is part of the task

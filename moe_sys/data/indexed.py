@@ -1,7 +1,8 @@
 """Write documents into megatron-core's indexed-dataset format (``<prefix>.bin`` + ``<prefix>.idx``).
 
-One document = one megatron "sequence" of byte ids ending in EOD, stored as uint8 (a byte vocabulary
-needs no wider type; 4x smaller than megatron's int32 default). Both the embedded corpus and
+One document = one megatron "sequence" of token ids ending in EOD: bytes stored as uint8 (a byte
+vocabulary needs no wider type; 4x smaller than megatron's int32 default), BPE ids as uint16/int32
+(``moe_sys.data.bpe``). Both the embedded corpus and
 ``prepare_data`` go through ``write_indexed_dataset`` so they produce the same format.
 
 Also holds the two filesystem helpers the data package needs for concurrent safety: an advisory file
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -30,8 +32,11 @@ class IndexedStats:
     tokens: int
 
 
-def write_indexed_dataset(prefix: str | os.PathLike, texts: Iterable[str]) -> IndexedStats:
+def write_indexed_dataset(prefix: str | os.PathLike, texts: Iterable[str], tokenizer=None) -> IndexedStats:
     """Tokenize ``texts`` (one document each; empty ones skipped) into ``prefix``.bin/.idx.
+
+    tokenizer: None = bytes (uint8); a ``BPETokenizer`` writes its own dtype and is copied beside the
+    data as ``prefix.tokenizer.json`` (before the .idx, so a complete dataset always has it).
 
     The files are written under temporary names and renamed into place, ``.idx`` last, so a reader
     that finds ``<prefix>.idx`` finds a complete dataset, and a crash leaves no half-written prefix.
@@ -47,8 +52,8 @@ def write_indexed_dataset(prefix: str | os.PathLike, texts: Iterable[str]) -> In
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp = prefix.with_name(f".{prefix.name}.tmp-{os.getpid()}")
-    tokenizer = ByteTokenizer()
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=np.uint8)
+    tokenizer = tokenizer or ByteTokenizer()
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=getattr(tokenizer, "dtype", np.uint8))
     documents = tokens = 0
     try:
         for text in texts:
@@ -59,6 +64,10 @@ def write_indexed_dataset(prefix: str | os.PathLike, texts: Iterable[str]) -> In
             documents += 1
             tokens += ids.size
         builder.finalize(f"{tmp}.idx")
+        if hasattr(tokenizer, "path"):
+            shutil.copy(tokenizer.path, f"{prefix}.tokenizer.json")
+        elif os.path.exists(f"{prefix}.tokenizer.json"):  # bytes now: a stale BPE file would mislead readers
+            os.remove(f"{prefix}.tokenizer.json")
         os.replace(f"{tmp}.bin", f"{prefix}.bin")
         os.replace(f"{tmp}.idx", f"{prefix}.idx")
     finally:

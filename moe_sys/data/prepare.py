@@ -6,7 +6,8 @@ Input conventions (kept deliberately simple):
     GPTDataset packs documents into fixed-length samples anyway, so document boundaries only matter
     where the text really changes (the EOD token marks them).
   * a directory - its ``*.txt``, ``*.md``, ``*.rst`` and ``*.jsonl`` files, recursively, sorted.
-Output: ``<output_prefix>.bin/.idx`` in the same byte-token format as the embedded corpus, usable as a
+Output: ``<output_prefix>.bin/.idx`` (bytes by default, as the embedded corpus; with ``--tokenizer`` or
+``--train-tokenizer`` BPE ids and ``<output_prefix>.tokenizer.json`` beside them), usable as a
 ``data.domains[*].path``. Any problem with the input raises ``PrepareDataError`` naming the file (and
 line) before an output file appears.
 """
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 from moe_sys.data.indexed import IndexedStats, write_indexed_dataset
 
@@ -28,13 +30,16 @@ class PrepareDataError(ValueError):
 
 
 def prepare_data(inputs: Sequence[str | os.PathLike], output_prefix: str | os.PathLike,
-                 text_key: str = "text") -> IndexedStats:
+                 text_key: str = "text", tokenizer: Optional[str] = None,
+                 train_tokenizer: Optional[int] = None) -> IndexedStats:
     """Tokenize ``inputs`` into the indexed dataset ``output_prefix``.bin/.idx.
 
     Args:
         inputs: files and/or directories (see the module docstring for formats).
         output_prefix: output path without extension.
         text_key: the JSON field holding the text in ``.jsonl`` files.
+        tokenizer: a tokenizer.json or a Hugging Face model dir holding one; None = bytes.
+        train_tokenizer: train a byte-level BPE of this vocabulary size on the inputs first.
     Returns:
         IndexedStats(documents, tokens) written.
     Raises:
@@ -42,7 +47,31 @@ def prepare_data(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Pa
             or no documents at all.
     """
     files = expand_inputs(inputs)
-    return write_indexed_dataset(output_prefix, _documents(files, text_key))
+    if train_tokenizer is None:
+        return write_indexed_dataset(output_prefix, _documents(files, text_key), _load_tokenizer(tokenizer))
+    if tokenizer is not None:
+        raise PrepareDataError("--tokenizer and --train-tokenizer exclude each other")
+    if not 257 <= train_tokenizer <= 2**31 - 1:
+        raise PrepareDataError(f"--train-tokenizer: {train_tokenizer}: the vocabulary needs more than the 256 bytes")
+    from moe_sys.data.bpe import train_bpe
+
+    texts = list(_documents(files, text_key))
+    with tempfile.TemporaryDirectory() as tmp:
+        trained = train_bpe(texts, train_tokenizer, os.path.join(tmp, "tokenizer.json"))
+        return write_indexed_dataset(output_prefix, texts, trained)
+
+
+def _load_tokenizer(path: Optional[str]):
+    if path is None:
+        return None
+    from moe_sys.data.bpe import BPETokenizer
+
+    try:
+        return BPETokenizer(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise PrepareDataError(f"--tokenizer: {e}") from None
+    except Exception as e:  # tokenizers raises its own exception type for a malformed file
+        raise PrepareDataError(f"--tokenizer: {path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_sys.moe.layer import MoELayer, build_moe_layer, is_moe_layer
+from moe_sys.moe.layer import MoELayer, build_moe_layer
 from moe_sys.moe.routing import RouterOutput, RoutingContext
 
 
@@ -40,32 +40,89 @@ def apply_rotary(x_BHSd, cos_Sh, sin_Sh):
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+@dataclass
+class KVCache:
+    """One layer's keys and values of the positions seen so far (generation): k_BhSd, v_BhSd."""
+
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k_BhSd: torch.Tensor, v_BhSd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.k = k_BhSd if self.k is None else torch.cat([self.k, k_BhSd], dim=2)
+        self.v = v_BhSd if self.v is None else torch.cat([self.v, v_BhSd], dim=2)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, qkv_bias: bool = False, proj_bias: bool = False,
+    """Causal self-attention with grouped-query heads (n_kv_heads <= n_heads share K/V in groups).
+
+    One fused projection holds rows [q (H*d) | k (Hkv*d) | v (Hkv*d)]; qkv_bias adds a bias to it
+    (Qwen2). qk_norm: "head" = RMSNorm over each head's d features (Qwen3), "full" = over all of
+    q's H*d and k's Hkv*d features (OLMoE), applied before the rotary rotation as those models do.
+    Rotary pairs are interleaved (x[2i], x[2i+1]); Hugging Face checkpoints rotate half-split pairs
+    (x[i], x[i+d/2]), so their q/k rows are permuted on conversion (moe_sys.weights.hf_state).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                 qkv_bias: bool = False, qk_norm: str = "none", eps: float = 1e-5, proj_bias: bool = False,
                  causal: bool = True):
         """causal=False: every position sees every other (encoders: the ViT)."""
         super().__init__()
-        self.n_heads, self.causal = n_heads, causal
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
-        self.proj = nn.Linear(d_model, d_model, bias=proj_bias)
+        self.causal = causal
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        self.widths = (n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
+        self.qkv = nn.Linear(d_model, sum(self.widths), bias=qkv_bias)
+        self.qkv.split_sizes = self.widths  # adapters on the fused projection (IA3) read where q ends
+        self.proj = nn.Linear(self.widths[0], d_model, bias=proj_bias)
+        self.qk_norm = qk_norm
+        if qk_norm != "none":
+            q_dim, k_dim = (self.head_dim, self.head_dim) if qk_norm == "head" else self.widths[:2]
+            self.q_norm, self.k_norm = RMSNorm(q_dim, eps), RMSNorm(k_dim, eps)
 
-    def forward(self, x_BSD, cos=None, sin=None, prefix_kv: Optional[Tuple[torch.Tensor, ...]] = None):
+    def _heads(self, x_BSD):
+        """q_BHSd, k_BhSd, v_BhSd (h = n_kv_heads) with QK-norm applied."""
+        B, S, _ = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).split(self.widths, dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x_BSD, cos=None, sin=None, prefix_kv: Optional[Tuple[torch.Tensor, ...]] = None,
+                cache: Optional[KVCache] = None):
         """cos/sin None: no rotary positions (the ViT adds learned ones to its input).
         prefix_kv: (k_BHPd, v_BHPd, visible_BP), P extra key/value positions before the sequence that
-        every query may attend to where visible (prefix tuning); they carry no rotary position."""
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        every query may attend to where visible (prefix tuning); they carry no rotary position.
+        cache: the keys/values of earlier positions (generation); x_BSD continues after them."""
+        B, S, _ = x_BSD.shape
+        q, k, v = self._heads(x_BSD)
+        start = cache.length if cache is not None else 0
         if cos is not None:
-            q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
+            cos, sin = cos[start:start + S], sin[start:start + S]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        group = self.n_heads // self.n_kv_heads
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if prefix_kv is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            # after a cached prefix, query s sees every earlier position and the new ones up to s
+            mask_SK = None if start == 0 else torch.ones(S, start + S, dtype=torch.bool, device=q.device).tril(start)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and start == 0, attn_mask=mask_SK)
         else:
             k_p, v_p, visible_BP = prefix_kv
             causal_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device)
             causal_SS = causal_SS.tril() if self.causal else causal_SS
             mask_B1SK = torch.cat([visible_BP[:, None, None, :].expand(B, 1, S, -1), causal_SS.expand(B, 1, S, S)], -1)
             out = F.scaled_dot_product_attention(q, torch.cat([k_p, k], 2), torch.cat([v_p, v], 2), attn_mask=mask_B1SK)
-        return self.proj(out.transpose(1, 2).reshape(B, S, D))
+        return self.proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
 class SwiGLU(nn.Module):
@@ -104,14 +161,20 @@ def current_batch() -> Optional[RoutingContext]:
     return _BATCH.get()
 
 
+def attention_from_config(cfg) -> Attention:
+    """The attention a ModelConfig asks for."""
+    return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps)
+
+
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, eps: float):
+    def __init__(self, d_model: int, attn: Attention, ffn: nn.Module, eps: float):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(d_model, eps), Attention(d_model, n_heads)
+        self.attn_norm, self.attn = RMSNorm(d_model, eps), attn
         self.ffn_norm, self.ffn = RMSNorm(d_model, eps), ffn
 
-    def forward(self, x_BSD, cos, sin, ctx: RoutingContext):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD, cos, sin, ctx: RoutingContext, cache: Optional[KVCache] = None):
+        h_BSD = self.attn_norm(x_BSD)
+        x_BSD = x_BSD + (self.attn(h_BSD, cos, sin) if cache is None else self.attn(h_BSD, cos, sin, cache=cache))
         if returns_routing(self.ffn):
             h, routing = self.ffn(self.ffn_norm(x_BSD), ctx)
             return x_BSD + h, routing
@@ -131,20 +194,21 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, self._ffn(i, cfg, moe_cfg, num_domains), cfg.norm_eps) for i in range(cfg.n_layers)
+            Block(cfg.d_model, attention_from_config(cfg), self._ffn(i, cfg, moe_cfg, num_domains), cfg.norm_eps)
+            for i in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rotary_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.head_dim or cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init(cfg.init_std)
 
     @staticmethod
     def _ffn(i: int, cfg, moe_cfg, num_domains: int) -> nn.Module:
-        if not is_moe_layer(i, moe_cfg):
+        if not moe_cfg.is_moe_layer(i):
             return SwiGLU(cfg.d_model, cfg.d_ff)
         return build_moe_layer(cfg.d_model, cfg.d_ff, moe_cfg, cfg.init_std, num_domains)
 
@@ -157,14 +221,15 @@ class TransformerLM(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
     def forward(self, tokens_BS: torch.Tensor, domain_B: Optional[torch.Tensor] = None,
-                mask_BS: Optional[torch.Tensor] = None) -> LMOutput:
-        """domain_B / mask_BS reach the routers (example- and task-level routing, padding)."""
+                mask_BS: Optional[torch.Tensor] = None, caches: Optional[List[KVCache]] = None) -> LMOutput:
+        """domain_B / mask_BS reach the routers (example- and task-level routing, padding);
+        caches: one KVCache per layer when generating (tokens_BS continue the cached positions)."""
         x = self.embed(tokens_BS)
         ctx = RoutingContext(tuple(tokens_BS.shape), domain_B, mask_BS)
         routings = []
         with batch_scope(ctx):
-            for layer in self.layers:
-                x, routing = layer(x, self.rope_cos, self.rope_sin, ctx)
+            for i, layer in enumerate(self.layers):
+                x, routing = layer(x, self.rope_cos, self.rope_sin, ctx, caches[i] if caches is not None else None)
                 if routing is not None:
                     routings.append(routing)
         return LMOutput(self.head(self.norm(x)), routings)

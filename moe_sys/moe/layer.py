@@ -24,19 +24,20 @@ class MoELayer(nn.Module):
     slice of the expert bank and sets the expert-parallel group the all-to-all runs over.
 
     shared_experts: always-on experts beside the routed ones (DeepSeek, Qwen2-MoE), run as one
-    dense FFN of width shared_experts * d_ff on every token, replicated on every rank;
+    dense FFN of width d_shared (default shared_experts * d_ff) on every token, replicated on every rank;
     shared_gate scales their output by sigmoid(x w) per token (Qwen2-MoE).
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, router: str = "topk",
                  activation: str = "swiglu", init_std: float = 0.02, spec: RouterSpec = RouterSpec(),
-                 num_tasks: int = 1, shared_experts: int = 0, shared_gate: bool = False):
+                 num_tasks: int = 1, shared_experts: int = 0, shared_gate: bool = False, d_shared: Optional[int] = None):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.router = ROUTERS[router](d_model, num_experts, top_k, spec=spec, init_std=init_std, num_tasks=num_tasks)
         self.experts = ExpertBank(num_experts, d_model, d_ff, activation, init_std)
         # Names avoid "expert": DeepSpeed files every MoE state-dict key containing it as a routed expert.
-        self.shared = ExpertBank(1, d_model, shared_experts * d_ff, activation, init_std) if shared_experts else None
+        shared_width = d_shared or shared_experts * d_ff
+        self.shared = ExpertBank(1, d_model, shared_width, activation, init_std) if shared_experts else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_experts and shared_gate else None
         self.ep_group: Optional[dist.ProcessGroup] = None
 
@@ -90,4 +91,5 @@ def build_moe_layer(d_model: int, d_ff: int, moe_cfg, init_std: float, num_tasks
     """The MoE block a config asks for (moe_cfg: MoEConfig; num_tasks: number of data domains)."""
     return MoELayer(d_model, moe_cfg.d_expert or d_ff, moe_cfg.num_experts, moe_cfg.top_k, router=moe_cfg.router.type,
                     activation=moe_cfg.activation, init_std=init_std, spec=spec_from_config(moe_cfg),
-                    num_tasks=num_tasks, shared_experts=moe_cfg.shared_experts, shared_gate=moe_cfg.shared_gate)
+                    num_tasks=num_tasks, shared_experts=moe_cfg.shared_experts, shared_gate=moe_cfg.shared_gate,
+                    d_shared=moe_cfg.d_shared)

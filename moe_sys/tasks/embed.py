@@ -14,7 +14,7 @@ from typing import List
 import numpy as np
 import torch
 
-from moe_sys.adapters import io as adapter_io
+from moe_sys.weights import io as weights_io
 from moe_sys.adapters.inject import inject
 from moe_sys.config import load_config
 from moe_sys.data.images import EXTENSIONS, ImageDataError, ImageSet, read_image
@@ -59,7 +59,7 @@ def embed(run_dir: str, images_dir: str, out: str, batch_size: int = 256) -> int
     if cfg.task.type != "metric":
         raise ImageDataError(f"{run_dir}: a {cfg.task.type!r} run; embed needs a metric run (task.type: metric)")
     model = _Encoder(cfg)
-    state = adapter_io.read_model_weights(run_dir)
+    state = weights_io.read_model_weights(run_dir)
     missing, _ = model.load_state_dict({k: v for k, v in state.items() if not k.startswith("criterion.")},
                                        strict=False)
     if missing:
@@ -72,6 +72,6 @@ def embed(run_dir: str, images_dir: str, out: str, batch_size: int = 256) -> int
     with torch.no_grad():
         emb_ND = embed_images(model, ImageSet(images, zeros, zeros, [d.name for d in cfg.data.domains]),
                               np.arange(len(files)), batch_size)
-    adapter_io.save_model_weights({"embeddings": emb_ND}, out, metadata={"paths": json.dumps(files),
+    weights_io.save_model_weights({"embeddings": emb_ND}, out, metadata={"paths": json.dumps(files),
                                                                           "run_dir": os.path.abspath(run_dir)})
     return len(files)

@@ -6,10 +6,10 @@ from typing import Any, Dict, Iterator
 import torch
 import torch.distributed as dist
 
-from moe_sys.adapters import io as adapter_io
+from moe_sys.weights import io as weights_io
 from moe_sys.models.transformer import TransformerLM, lm_loss, token_losses
 from moe_sys.tasks.base import Task
-from moe_sys.train.data_feed import build_feeds
+from moe_sys.train.data_feed import build_feeds, save_tokenizer
 from moe_sys.train.distributed import global_sum, to_device
 
 
@@ -21,10 +21,12 @@ class LMTask(Task):
         cfg = self.cfg
         model = TransformerLM(cfg.model, cfg.moe, num_domains=len(cfg.data.domains))
         if cfg.train.init_from:
-            adapter_io.load_model_weights(model, cfg.train.init_from)
+            weights_io.load_model_weights(model, cfg.train.init_from)
         return model
 
     def build_feeds(self, rank, world):
+        if rank == 0:  # the run dir keeps the data's BPE tokenizer for `generate` and `convert to-hf`
+            save_tokenizer(self.cfg, self.cfg.logging.run_dir)
         return build_feeds(self.cfg, rank, world)
 
     def forward(self, model, batch):

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moe_sys.adapters import io as adapter_io
+from moe_sys.weights import io as weights_io
 from moe_sys.analysis.retrieval_plot import SAMPLE_FILE
 from moe_sys.data.images import ImageSet, load_domains
 from moe_sys.eval.retrieval import nearest, retrieval_metrics
@@ -172,7 +172,7 @@ def save_sample(path: str, emb_ND: torch.Tensor, images: ImageSet, order_N: np.n
 def load_encoder_weights(encoder: nn.Module, path: str) -> None:
     """The encoder of a metric run (its ``encoder.*`` weights; the head and loss belong to the old
     classes and stay behind), or a whole-encoder .safetensors file."""
-    state = adapter_io.read_model_weights(path)
+    state = weights_io.read_model_weights(path)
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     missing, unexpected = encoder.load_state_dict(state, strict=False)

@@ -5,7 +5,7 @@ import json
 import torch
 
 from moe_sys.adapters import inject
-from moe_sys.adapters.io import read_model_weights, save_model_weights
+from moe_sys.weights.io import read_model_weights, save_model_weights
 from moe_sys.config import load_config
 from moe_sys.models.transformer import TransformerLM
 from tests.e2e.conftest import TINY, read_metrics, run_cli

@@ -215,7 +215,7 @@ def test_broken_sweep_files_fail_with_one_line(case, tmp_path, capsys, tripwires
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A dense and an MoE model file of the tiny architecture, and a damaged metrics file's run dir."""
-    from moe_sys.adapters.io import save_model_weights
+    from moe_sys.weights.io import save_model_weights
     from moe_sys.config import load_config
     from moe_sys.models.transformer import TransformerLM
 

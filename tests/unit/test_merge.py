@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import load_file
 
 from moe_sys.adapters import inject as adapters
-from moe_sys.adapters.io import load_model_weights, save_adapters, save_model_weights
+from moe_sys.adapters.io import save_adapters
+from moe_sys.weights.io import load_model_weights, save_model_weights
 from moe_sys.adapters.merge import MergeOptions, merge_states, upcycle
 from moe_sys.cli import main
 from moe_sys.config import load_config
