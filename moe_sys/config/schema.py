@@ -238,9 +238,8 @@ class Config(Section):
         names = [d.name for d in self.data.domains]
         if len(set(names)) != len(names):
             problems.append(f"data.domains: names must be unique, got {names}")
-        wanted = {"lm": "lm", "metric": "vit"}[self.task.type]
-        if m.arch != wanted:
-            problems.append(f"model.arch: task.type {self.task.type} trains model.arch {wanted}, got {m.arch}")
+        if self.task.type == "metric" and m.arch != "vit":
+            problems.append(f"model.arch: task.type metric trains an image encoder (model.arch: vit), got {m.arch}")
         problems += paths.problems(self)
         if self.task.type == "metric":
             problems += metric_problems(self)
