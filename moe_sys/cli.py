@@ -7,6 +7,7 @@ import sys
 from typing import List, Optional
 
 from moe_sys.config import ConfigError, dump_config, load_config
+from moe_sys.errors import UserError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -15,12 +16,26 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set moe.top_k=1 (repeatable)")
 
 
+def _resume_mode(value: str) -> str:
+    import re
+
+    if value in ("auto", "strict") or re.fullmatch(r"step_\d{8,}", value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: --resume takes strict or a checkpoint name (step_00000100), "
+                                     "written --resume=VALUE; the config goes before it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-sys", description="Mixture-of-Experts training on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model (starts the deepspeed launcher if no launcher started us)")
     _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", nargs="?", const="auto", type=_resume_mode, metavar="strict|step_N",
+                     help="continue from the newest intact checkpoint (warns when it passes over a damaged one); "
+                          "--resume=strict refuses any damage; --resume=step_N takes that checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh in a used run directory: the old one is moved aside to RUN_DIR.old-DATE")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
     p = sub.add_parser("config", help="print the resolved config")
     _config_args(p)
@@ -45,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a metric run directory (config.yaml + checkpoints)")
     p.add_argument("images", help="folder searched recursively for .png/.jpg images of the run's image size")
     p.add_argument("--out", required=True, help="output .safetensors: embeddings [N, D] and the paths in its metadata")
+    _plan_args(sub.add_parser("plan", help="per-rank memory, all-to-all cost and fit of a config on N GPUs"))
     _merge_args(sub.add_parser("merge", help="merge models or adapters (average, task arithmetic, TIES, DARE), "
                                              "or upcycle a dense model into an MoE one"))
     p = sub.add_parser("convert", help="Hugging Face <-> moe_sys: from-hf HF_DIR (config.json + safetensors), "
@@ -62,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (world size = gpus x nodes)")
+    p.add_argument("--gpu-memory", type=float, required=True, metavar="GiB", help="memory of one GPU")
+    p.add_argument("--link-gbps", type=float, default=25.0, metavar="GB/s",
+                   help="all-to-all bandwidth per rank, sent + received (default 25 GB/s, ~ one 200 Gb/s NIC)")
+    p.add_argument("--from-run", metavar="RUN_DIR", help="simulate the expert loads this run measured at larger EP")
+    p.add_argument("--ep-sizes", default="8,64,256", help="EP sizes for --from-run (comma-separated)")
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +117,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except UserError as e:  # a file or directory refused (damaged checkpoint, unsafe pickle, used run dir)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _setup_logging() -> None:
@@ -113,6 +143,10 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.overrides, world_size=world)
     if args.resume and resume_problem(cfg.logging.run_dir):
         raise ConfigError(resume_problem(cfg.logging.run_dir))
+    from moe_sys.parallel.deepspeed_engine import dtype_problem
+
+    if dtype_problem(cfg):  # before any rank starts
+        raise ConfigError(dtype_problem(cfg))
     if launch.launcher == "none":
         from moe_sys.tasks import TASKS
 
@@ -123,12 +157,26 @@ def _train(args) -> int:
             return 2
         from moe_sys.parallel.local_launch import run_local
 
+        resume = _before_ranks_start(cfg, args)
         sets = [item for o in args.overrides for item in ("--set", o)]
-        return run_local(cfg.parallel.procs, ["train", args.config, *sets, *(["--resume"] if args.resume else [])])
+        return run_local(cfg.parallel.procs, ["train", args.config, *sets, *([f"--resume={resume}"] if resume else [])])
     from moe_sys.train.trainer import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
+
+
+def _before_ranks_start(cfg, args) -> Optional[str]:
+    """The run-directory rules and the checkpoint to resume from, settled before any rank starts
+    (the ranks then get that checkpoint's tag); returns the tag or None."""
+    from moe_sys.train import checkpoint, run_dir
+
+    aside = run_dir.prepare(cfg.logging.run_dir, bool(args.resume), args.overwrite)
+    if aside:
+        print(f"moved the previous run in {cfg.logging.run_dir} to {aside}", file=sys.stderr)
+    if not args.resume:
+        return None
+    return checkpoint.choose(cfg.logging.run_dir, args.resume, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
 
 
 def _config(args) -> int:
@@ -233,6 +281,20 @@ def _plot(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from moe_sys.plan.report import run
+
+    world = args.gpus * args.nodes
+    cfg = load_config(args.config, args.overrides, world_size=world)
+    try:
+        ep_sizes = [int(v) for v in args.ep_sizes.split(",")]
+        print(run(cfg, args.gpus, args.nodes, args.gpu_memory, args.link_gbps, args.from_run, ep_sizes))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _embed(args) -> int:
     from moe_sys.tasks.embed import embed
 
@@ -244,8 +306,8 @@ def _embed(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot, "sweep": _sweep,
-            "merge": _merge, "convert": _convert, "generate": _generate, "embed": _embed}
+COMMANDS = {"plan": _plan, "train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot,
+            "sweep": _sweep, "merge": _merge, "convert": _convert, "generate": _generate, "embed": _embed}
 
 if __name__ == "__main__":
     sys.exit(main())

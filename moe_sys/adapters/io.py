@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from pydantic import TypeAdapter
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moe_sys.adapters.base import AdapterLayer
 from moe_sys.config.adapters import AnySpec
+from moe_sys.safe_load import load_safetensors
 
 ADAPTER_FILE, MANIFEST_FILE, FORMAT = "adapters.safetensors", "manifest.json", 1
 
@@ -85,7 +86,7 @@ def read_manifest(directory: str) -> Dict[str, Any]:
 def load_adapter_weights(model: nn.Module, directory: str) -> None:
     """Copy saved adapter weights into the model's adapters (names and shapes must match; expert
     banks already sharded over EP take their own slice)."""
-    state = load_file(os.path.join(directory, ADAPTER_FILE))
+    state = load_safetensors(os.path.join(directory, ADAPTER_FILE))
     params = {f"{path}.{name}": (layer, p) for path, layer in model.named_modules() if isinstance(layer, AdapterLayer)
               for name, p in layer.adapter_parameters()}
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))

@@ -26,13 +26,14 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moe_sys.adapters.io import ADAPTER_FILE, MANIFEST_FILE
 from moe_sys.adapters.lora import lora_scale
 from moe_sys.adapters.merge_methods import METHODS, MergeOptions, check_options, merge_tensor
 from moe_sys.models.transformer import TransformerLM
 from moe_sys.moe.layer import MoELayer
+from moe_sys.safe_load import load_safetensors
 from moe_sys.weights.io import read_model_weights, save_model_weights
 
 
@@ -74,7 +75,7 @@ def merge_adapters(inputs: Sequence[str], out: str, opts: MergeOptions, rank: Op
     manifests = [_read_json(os.path.join(d, MANIFEST_FILE)) for d in inputs]
     if any(m["specs"] != manifests[0]["specs"] for m in manifests):
         raise ValueError("adapters merge only when their specs (types, targets, sizes) are the same")
-    states = [load_file(os.path.join(d, ADAPTER_FILE)) for d in inputs]
+    states = [load_safetensors(os.path.join(d, ADAPTER_FILE)) for d in inputs]
     lora_keys = {k[:-len("A_NIR")] for k in states[0] if k.endswith("A_NIR")}
     products = [{p + "AB_NIO": s[p + "A_NIR"] @ s[p + "B_NRO"] for p in lora_keys} for s in states]
     rest = [{k: v for k, v in s.items() if k[:-len("A_NIR")] not in lora_keys} for s in states]

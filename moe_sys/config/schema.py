@@ -170,6 +170,9 @@ class TrainConfig(Section):
     eval_batches: int = Field(4, gt=0)
     seed: Seed = 42
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: Literal["none", "full", "moe"] = Field(
+        "none", description="recompute in the backward pass instead of keeping activations: full = whole blocks, "
+        "moe = only the routed experts' computation (routing decisions and balancing counts are not redone)")
     init_from: Optional[str] = Field(None, description="start from these model weights (run dir, DeepSpeed checkpoint "
                                      "dir, .safetensors file or Hugging Face model dir); optimizer, schedule and "
                                      "step start fresh")

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_sys.moe import recompute
 from moe_sys.moe.layer import MoELayer, build_moe_layer
 from moe_sys.moe.routing import RouterOutput, RoutingContext
 
@@ -167,12 +168,28 @@ def attention_from_config(cfg) -> Attention:
 
 
 class Block(nn.Module):
+    """Pre-norm attention + FFN. checkpointed (``train.activation_checkpointing: full``): its
+    activations are recomputed in the backward pass (moe_sys.moe.recompute)."""
+
+    checkpoint_unit = "block"
+    checkpointed = False
+
     def __init__(self, d_model: int, attn: Attention, ffn: nn.Module, eps: float):
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(d_model, eps), attn
         self.ffn_norm, self.ffn = RMSNorm(d_model, eps), ffn
 
     def forward(self, x_BSD, cos, sin, ctx: RoutingContext, cache: Optional[KVCache] = None):
+        if self.checkpointed and self.training and cache is None:
+            # The recompute runs in the backward pass, outside the forward's batch_scope: re-enter it.
+            return recompute.run(lambda x: self._scoped(x, cos, sin, ctx), x_BSD)
+        return self._forward(x_BSD, cos, sin, ctx, cache)
+
+    def _scoped(self, x_BSD, cos, sin, ctx: RoutingContext):
+        with batch_scope(ctx):
+            return self._forward(x_BSD, cos, sin, ctx)
+
+    def _forward(self, x_BSD, cos, sin, ctx: RoutingContext, cache: Optional[KVCache] = None):
         h_BSD = self.attn_norm(x_BSD)
         x_BSD = x_BSD + (self.attn(h_BSD, cos, sin) if cache is None else self.attn(h_BSD, cos, sin, cache=cache))
         if returns_routing(self.ffn):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moe_sys.moe import losses
+from moe_sys.moe import losses, recompute
 
 if TYPE_CHECKING:  # routing.py imports this module
     from moe_sys.moe.routing import Rows
@@ -85,7 +85,8 @@ class Balancer(nn.Module):
                rows: "Rows") -> Dict[str, torch.Tensor]:
         """name -> coef * loss for this micro-batch (call in training only: 'global' accumulates)."""
         counts_E = losses.expert_counts(chosen_NK, self.num_experts, rows.valid_N)
-        global_E = self._global_counts(counts_E) if self.uses_global else None
+        # Taped: a recomputed (activation-checkpointed) forward must not all-reduce and sum again.
+        global_E = recompute.taped(self, "global", lambda: self._global_counts(counts_E)) if self.uses_global else None
         inputs = LossInputs(logits_NE, probs_NE, chosen_NK, counts_E, global_E, rows, self.num_tasks)
         return {name: coef * LOSSES[name](inputs) for name, coef in self.terms}
 
@@ -101,8 +102,8 @@ class Balancer(nn.Module):
 
     def observe(self, chosen_NK: torch.Tensor, rows: "Rows") -> None:
         """Count the tokens that chose each expert, for the bias update (training forwards only, so
-        evaluation does not move the bias)."""
-        if self.bias_E is not None and self.training and torch.is_grad_enabled():
+        evaluation does not move the bias), once: not again when checkpointing recomputes them."""
+        if self.bias_E is not None and self.training and torch.is_grad_enabled() and not recompute.replaying():
             counts_E = losses.expert_counts(chosen_NK, self.num_experts, rows.tokens_N)
             self.step_counts_E = counts_E if self.step_counts_E is None else self.step_counts_E + counts_E
 

@@ -4,13 +4,14 @@ Legend: B batch, S sequence, D model dim, T = B*S tokens.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moe_sys.moe import dispatcher_a2a
+from moe_sys.moe import dispatcher_a2a, recompute
 from moe_sys.moe.balance import BalanceSpec
 from moe_sys.moe.capacity import Capacity
 from moe_sys.moe.experts import ExpertBank
@@ -26,7 +27,13 @@ class MoELayer(nn.Module):
     shared_experts: always-on experts beside the routed ones (DeepSeek, Qwen2-MoE), run as one
     dense FFN of width d_shared (default shared_experts * d_ff) on every token, replicated on every rank;
     shared_gate scales their output by sigmoid(x w) per token (Qwen2-MoE).
+
+    checkpointed (``train.activation_checkpointing: moe``): the experts' activations are recomputed
+    in the backward pass instead of kept.
     """
+
+    checkpoint_unit = "experts"
+    checkpointed = False
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, router: str = "topk",
                  activation: str = "swiglu", init_std: float = 0.02, spec: RouterSpec = RouterSpec(),
@@ -54,8 +61,10 @@ class MoELayer(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD, ctx if ctx is not None else RoutingContext((B, S)))
+        # A recomputed block reuses the forward's choices, so its all-to-all exchanges the same rows.
+        routing = replace(routing, expert_ids_TK=recompute.taped(self, "ids", lambda: routing.expert_ids_TK))
         x_RD, counts_E, meta = dispatcher_a2a.dispatch(x_TD, routing, self.num_experts, self.ep_group)
-        y_RD = self.experts(x_RD, counts_E)
+        y_RD = recompute.run(self.experts, x_RD, counts_E) if self.checkpointed else self.experts(x_RD, counts_E)
         y_TD = dispatcher_a2a.combine(y_RD, meta)
         if self.shared is not None:
             y_TD = y_TD + self._shared(x_TD)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -48,6 +48,22 @@ def build_ds_config(cfg, world_size: int) -> Dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     return deep_merge(ds, cfg.deepspeed)
+
+
+def dtype_problem(cfg) -> Optional[str]:
+    """One line if DeepSpeed cannot train in ``train.dtype`` on this machine's accelerator, else None.
+
+    bf16 keeps fp32 master weights in DeepSpeed's optimizer; fp16 adds dynamic loss scaling (DeepSpeed's
+    ``fp16.loss_scale: 0`` default), which DeepSpeed offers only where its accelerator supports fp16
+    (on CPU: only with oneDNN fp16 support, which most CPUs lack).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if cfg.train.dtype == "fp16" and not accelerator.is_fp16_supported():
+        return (f"train.dtype: fp16 is not supported by DeepSpeed on this machine's {accelerator.device_name()} "
+                "accelerator; use bf16 (fp32 master weights) or fp32")
+    return None
 
 
 def register_moe_layers(model: nn.Module, groups: ExpertGroups) -> None:
@@ -101,6 +117,31 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg, world_si
     """deepspeed.initialize with our config; returns (engine, lr_scheduler)."""
     import deepspeed
 
+    from moe_sys.safe_load import make_engine_loads_safe
+
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=build_ds_config(cfg, world_size))
+    make_engine_loads_safe(engine)
     return engine, scheduler
+
+
+# Param-group entries that are state, not settings: the schedule recomputes the learning rate.
+_NOT_SETTINGS = ("params", "lr", "initial_lr")
+
+
+def optimizer_settings(engine) -> list:
+    """Each param group's settings as this run's config built them (betas, eps, weight decay...)."""
+    return [{k: v for k, v in group.items() if k not in _NOT_SETTINGS} for group in engine.optimizer.param_groups]
+
+
+def reapply_settings(engine, settings: list, grad_clip: float) -> None:
+    """``load_checkpoint`` restores the saved param groups' settings and ZeRO's ``clip_grad``; a resumed
+    run uses the values of its own config instead. The learning rate is recomputed by the schedule,
+    which is built from this config (only its position is restored), so ``train.lr``, warm-up and
+    the cosine floor apply too; with an unchanged config every value is the one saved (bit-exact)."""
+    groups = engine.optimizer.param_groups
+    for group, saved, lr in zip(groups, settings, engine.lr_scheduler.get_lr()):
+        group.update(saved)
+        group["lr"] = lr
+    if hasattr(engine.optimizer, "clip_grad"):  # ZeRO 1/2 keep their own copy of gradient_clipping
+        engine.optimizer.clip_grad = grad_clip

@@ -25,9 +25,10 @@ class LMTask(Task):
         return model
 
     def build_feeds(self, rank, world):
+        feeds = build_feeds(self.cfg, rank, world)
         if rank == 0:  # the run dir keeps the data's BPE tokenizer for `generate` and `convert to-hf`
             save_tokenizer(self.cfg, self.cfg.logging.run_dir)
-        return build_feeds(self.cfg, rank, world)
+        return feeds
 
     def forward(self, model, batch):
         return model(batch["tokens"], batch["domain_ids"])

@@ -11,6 +11,8 @@ class MetricsWriter:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if resume_step is not None:
             self._truncate_after(resume_step)
+        else:  # a fresh run never appends to another run's records
+            open(self.path, "w").close()
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

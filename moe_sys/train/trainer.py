@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -13,12 +13,12 @@ from moe_sys import ops
 from moe_sys.config import Config, dump_config
 from moe_sys.adapters import io as adapter_io
 from moe_sys.adapters.inject import inject
-from moe_sys.moe import balance, observe
+from moe_sys.moe import balance, observe, recompute
 from moe_sys.parallel import deepspeed_engine, launch_env
 from moe_sys.parallel.experts import shard_and_mark_experts
 from moe_sys.parallel.groups import create_expert_groups, init_distributed
 from moe_sys.tasks import Task, build_task
-from moe_sys.train import checkpoint, signals
+from moe_sys.train import checkpoint, run_dir, signals
 from moe_sys.train.distributed import global_mean, global_sum, to_device
 from moe_sys.train.metrics import MetricsWriter
 from moe_sys.train.progress import Progress
@@ -26,8 +26,9 @@ from moe_sys.train.progress import Progress
 log = logging.getLogger("moe_sys")
 
 
-def train(cfg: Config, resume: bool = False) -> List[Dict]:
-    """Run cfg.train.steps optimizer steps (continuing from the latest checkpoint if resume)."""
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> List[Dict]:
+    """Run cfg.train.steps optimizer steps; ``resume`` (a ``checkpoint.choose`` mode or tag) continues
+    from a checkpoint; ``overwrite`` moves a used run directory aside (``run_dir.prepare``)."""
     stop = signals.StopSignals()  # SIGTERM/SIGUSR1, even during setup: checkpoint at the next step, then stop
     launch = launch_env.detect()
     os.environ.update(launch_env.torch_env(launch))
@@ -37,15 +38,17 @@ def train(cfg: Config, resume: bool = False) -> List[Dict]:
         log.info("launcher: %s, %d ranks, expert-parallel size %d, backend %s", launch.launcher, world,
                  cfg.parallel.ep_size, dist.get_backend())
     ops.set_impl(cfg.ops.impl)
-    _prepare_run_dir(cfg, rank)
     torch.manual_seed(cfg.train.seed)
 
     task = build_task(cfg)
     engine = _build_engine(task, cfg, world)
+    _prepare_run_dir(cfg, rank, bool(resume), overwrite)  # after the engine: it has set each rank's device
     train_feed, valid_batches = task.build_feeds(rank, world)
     start = 0
     if resume:
-        state = checkpoint.load(engine, cfg.logging.run_dir)
+        settings = deepspeed_engine.optimizer_settings(engine)
+        state = checkpoint.load(engine, cfg.logging.run_dir, resume)
+        deepspeed_engine.reapply_settings(engine, settings, cfg.train.grad_clip)
         start = state["step"]
         train_feed.load_state_dict(state["data"])
     writer = MetricsWriter(cfg.logging.run_dir, cfg.logging.tensorboard, start if resume else None) if rank == 0 else None
@@ -83,6 +86,7 @@ def _build_engine(task: Task, cfg: Config, world: int):
     """Single-device model (+ its starting weights) -> shard and mark experts -> adapters -> DeepSpeed
     engine, once, in this order."""
     model = task.build_model()
+    recompute.enable(model, cfg.train.activation_checkpointing)
     groups = create_expert_groups(cfg.parallel.ep_size)
     shard_and_mark_experts(model, groups)
     if _has_adapters(cfg):
@@ -150,10 +154,16 @@ def _checkpoint_due(cfg: Config, step: int, last: int) -> bool:
     return (every > 0 and step % every == 0) or (step == last and cfg.checkpoint.save_final)
 
 
-def _prepare_run_dir(cfg: Config, rank: int) -> None:
-    """Create the run directory and save the resolved config beside the metrics it produced."""
-    if rank == 0:
+def _prepare_run_dir(cfg: Config, rank: int, resume: bool, overwrite: bool) -> None:
+    """Apply the run-directory rules (rank 0 decides for all), create the directory and save the
+    resolved config beside the metrics it produced."""
+
+    def prepare():
+        aside = run_dir.prepare(cfg.logging.run_dir, resume, overwrite)
+        if aside:
+            log.info("moved the previous run in %s to %s", cfg.logging.run_dir, aside)
         os.makedirs(cfg.logging.run_dir, exist_ok=True)
         with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
-    dist.barrier()
+
+    checkpoint.decided_on_rank0(prepare)

@@ -12,9 +12,10 @@ from typing import Dict
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moe_sys.parallel.deepspeed_engine import stack_expert_keys
+from moe_sys.safe_load import load_safetensors, load_torch
 
 
 def read_model_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -22,16 +23,15 @@ def read_model_weights(path: str) -> Dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
-        return load_file(path)
+        return load_safetensors(path)
     if os.path.isfile(os.path.join(path, "config.json")):
         from moe_sys.weights import hf_read
 
         return hf_read.read_hf_model(path)[1]
     tag_dir = _tag_dir(path)
-    state = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
-                       weights_only=False)["module"]
+    state = load_torch(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))["module"]
     for expert_file in sorted(glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt"))):
-        state.update(torch.load(expert_file, map_location="cpu", weights_only=False))
+        state.update(load_torch(expert_file))
     return stack_expert_keys(state)
 
 

@@ -5,14 +5,17 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.spawn import run_ranks
+from tests.tolerance import bound, seed
+from tests.tolerance import rel_err as _rel
 
 
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+# Longest chain of summed terms into one compared value: the expert FFN (D, then F), top-k combine,
+# and weight gradients summed over every rank's tokens (2 x 24).
+REDUCTION = 16 + 32 + 2 + 2 * 24
 
 
 def _inputs(rank, T=24, D=16):
-    g = torch.Generator().manual_seed(100 + rank)
+    g = torch.Generator().manual_seed(seed(100 + rank))
     return torch.randn(1, T, D, generator=g), torch.randn(1, T, D, generator=g)
 
 
@@ -23,7 +26,7 @@ def _compare(rank, world, top_k, capacity_factor):
     from moe_sys.parallel.experts import shard_and_mark_experts
     from moe_sys.parallel.groups import create_expert_groups
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     full = MoELayer(16, 32, num_experts=8, top_k=top_k,
                     spec=RouterSpec(capacity=Capacity(factor=capacity_factor, min_capacity=1)))
     ep = copy.deepcopy(full)
@@ -66,6 +69,6 @@ def test_ep2_equals_ep1_top1_top2_with_and_without_dropping():
     per_rank = run_ranks(_compare_all, 2)  # one spawn for all cases: process start-up dominates
     for rank_results in per_rank:
         for (top_k, cf), (errs, dropped) in zip(CASES, rank_results):
-            assert max(errs.values()) < 1e-5, (top_k, cf, errs)
+            assert max(errs.values()) < bound(torch.float32, REDUCTION), (top_k, cf, errs)
             if cf is not None:
                 assert dropped > 0, "capacity 0.5 should drop tokens, else the case proves nothing"

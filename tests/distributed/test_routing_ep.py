@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.spawn import run_ranks
+from tests.tolerance import bound, seed
+from tests.tolerance import rel_err as _rel
 
 B, S, D, E = 2, 12, 16, 8
 
@@ -33,15 +35,16 @@ def _specs():
 def _batch(rank):
     from moe_sys.moe.routing import RoutingContext
 
-    g = torch.Generator().manual_seed(200 + rank)
+    g = torch.Generator().manual_seed(seed(200 + rank))
     mask = torch.ones(B, S)
     mask[1, S - 3 - rank:] = 0  # padding differs per rank
     ctx = RoutingContext((B, S), torch.tensor([rank, 2]), mask)
     return torch.randn(B, S, D, generator=g), torch.randn(B, S, D, generator=g), ctx
 
 
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+# Longest chain of summed terms: the expert FFN (D, then 24), top-3 combine and the shared expert,
+# pooled routers over a sequence (S), weight gradients over every rank's tokens (2 x B x S).
+REDUCTION = D + 24 + 3 + 24 + S + 2 * B * S
 
 
 def _compare(rank, world, router, spec):
@@ -49,7 +52,7 @@ def _compare(rank, world, router, spec):
     from moe_sys.parallel.experts import shard_and_mark_experts
     from moe_sys.parallel.groups import create_expert_groups
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     full = MoELayer(D, 24, E, 3, router=router, spec=spec, num_tasks=3, shared_experts=1, shared_gate=True)
     ep = copy.deepcopy(full)
     shard_and_mark_experts(ep, create_expert_groups(world))
@@ -106,7 +109,7 @@ def test_every_router_at_ep2_equals_ep1_and_balancing_state_is_global():
     for rank, results in enumerate(per_rank):
         for name in _specs():
             errs = results[name]
-            assert max(errs.values()) < 1e-5, (rank, name, errs)
+            assert max(errs.values()) < bound(torch.float32, REDUCTION), (rank, name, errs)
         loss, bias = results["global_and_bias"]
         # f = [3, 1, 0, 0] / 4 on both ranks; P is each rank's own mean probability.
         P = [0.25] * 4 if rank == 0 else [0.7, 0.1, 0.1, 0.1]

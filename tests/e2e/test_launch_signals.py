@@ -58,7 +58,7 @@ def test_save_killed_halfway_keeps_the_previous_checkpoint(one_rank, tmp_path):
     checkpoint.save(FakeEngine(), run, 8, {"data": 8}, keep=1)  # the same step again, then pruning
     assert sorted(os.listdir(root)) == ["latest", "step_00000008"]
     assert sorted(os.listdir(root / "step_00000008")) == [
-        "mp_rank_00_model_states.pt", "rng_rank00000.pt", "zero_pp_rank_0_optim_states.pt"]
+        "manifest.json", "mp_rank_00_model_states.pt", "rng_rank00000.safetensors", "zero_pp_rank_0_optim_states.pt"]
 
 
 def _rank_entry(rank, store, fn, args, queue):
@@ -103,8 +103,8 @@ def test_ranks_agree_on_a_signal_one_received_and_both_write(tmp_path):
     assert results == [(None, signal.SIGUSR1, signal.SIGTERM, True)] * 2
     tag = tmp_path / "run" / "checkpoints" / "step_00000003"
     assert sorted(os.listdir(tag)) == sorted(
-        [f"mp_rank_0{r}_model_states.pt" for r in (0, 1)] + [f"rng_rank0000{r}.pt" for r in (0, 1)]
-        + [f"zero_pp_rank_{r}_optim_states.pt" for r in (0, 1)])
+        [f"mp_rank_0{r}_model_states.pt" for r in (0, 1)] + [f"rng_rank0000{r}.safetensors" for r in (0, 1)]
+        + [f"zero_pp_rank_{r}_optim_states.pt" for r in (0, 1)] + ["manifest.json"])
 
 
 @pytest.mark.parametrize("sig,more,requeued", [(signal.SIGUSR1, True, True), (signal.SIGTERM, True, False),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moe_sys.ops import build
+from tests import tolerance
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
@@ -27,7 +28,7 @@ def random_routing(T: int, K: int, E: int, *, drop_p: float = 0.2, unused=(0,), 
                    device="cpu") -> torch.Tensor:
     """expert_ids_TK like a top-k router's: K distinct experts per token, never the ``unused`` ones
     (so some experts get no tokens), and a fraction ``drop_p`` of slots set to -1 (router-dropped)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(tolerance.seed(seed))
     scores_TE = torch.rand(T, E, generator=g)
     scores_TE[:, list(unused)] = -1.0
     ids_TK = scores_TE.topk(K, dim=1).indices if T else torch.empty(0, K, dtype=torch.long)
@@ -36,5 +37,5 @@ def random_routing(T: int, K: int, E: int, *, drop_p: float = 0.2, unused=(0,), 
 
 
 def randn(*shape, dtype=torch.float32, seed: int = 0, device="cpu", requires_grad=False) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(tolerance.seed(seed))
     return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)

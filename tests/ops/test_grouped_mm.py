@@ -11,6 +11,8 @@ from moe_sys import ops
 from moe_sys.ops import build
 from moe_sys.ops.grouped_mm import grouped_mm, grouped_mm_backend
 from tests.ops.conftest import randn
+from tests import tolerance
+from tests.tolerance import assert_close
 
 COUNTS = [[3, 0, 5, 1], [0, 0, 0, 0], [0, 7, 0, 0], [1, 1, 1, 1]]  # incl. experts with no rows
 
@@ -33,7 +35,7 @@ def _backends(dtype):
 
 def _random_counts(E: int, R: int, seed: int, empty: int = 0) -> torch.Tensor:
     """Uneven rows per expert summing to R, the first ``empty`` experts given none."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(tolerance.seed(seed))
     owner_R = torch.randint(empty, E, (R,), generator=g)
     return torch.bincount(owner_R, minlength=E)
 
@@ -54,10 +56,9 @@ def test_grouped_mm_matches_per_expert_loop(counts, dtype, as_tensor):
             y_RF = grouped_mm(x_RD, w_EDF, torch.tensor(counts) if as_tensor else counts, backend=backend)
         y_RF.backward(grad_RF)
         results[backend] = (y_RF, x_RD.grad, w_EDF.grad)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for backend in _backends(dtype):
-        for got, want in zip(results[backend], results["oracle"]):
-            torch.testing.assert_close(got, want, **tol)
+        for got, want in zip(results[backend], results["oracle"]):  # y sums D, x.grad F, w.grad an expert's rows
+            assert_close(got, want, reduction=max(D, F, *counts), what=backend)
 
 
 def test_loop_builds_one_weight_gradient():
@@ -108,9 +109,8 @@ def test_kernel_matches_oracle_on_uneven_experts(kernels, E, R, dtype):
                 else _per_expert(x_RD, w_EDF, counts_E.tolist()))
         y_RF.backward(grad_RF)
         results.append((y_RF, x_RD.grad, w_EDF.grad))
-    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, **tol)
+    for got, want in zip(*results):  # y sums D, x.grad F, w.grad an expert's rows
+        assert_close(got, want, reduction=max(D, F, int(counts_E.max()) if R else 0))
     if empty:
         assert torch.count_nonzero(results[0][2][0]) == 0  # an expert with no rows gets an all-zero gradient
 
