@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--slurm", action="store_true", help="submit the unfinished points as a SLURM job array")
     mode.add_argument("--report-only", action="store_true", help="only write the results of the runs so far")
+    p = sub.add_parser("embed", help="write embeddings of a folder of images by a trained metric run (safetensors)")
+    p.add_argument("run_dir", help="a metric run directory (config.yaml + checkpoints)")
+    p.add_argument("images", help="folder searched recursively for .png/.jpg images of the run's image size")
+    p.add_argument("--out", required=True, help="output .safetensors: embeddings [N, D] and the paths in its metadata")
     _plan_args(sub.add_parser("plan", help="per-rank memory, all-to-all cost and fit of a config on N GPUs"))
     _merge_args(sub.add_parser("merge", help="merge models or adapters (average, task arithmetic, TIES, DARE), "
                                              "or upcycle a dense model into an MoE one"))
@@ -144,6 +148,13 @@ def _train(args) -> int:
     if dtype_problem(cfg):  # before any rank starts
         raise ConfigError(dtype_problem(cfg))
     if launch.launcher == "none":
+        from moe_sys.tasks import TASKS
+
+        try:
+            TASKS[cfg.task.type]().check_inputs(cfg)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         from moe_sys.parallel.local_launch import run_local
 
         resume = _before_ranks_start(cfg, args)
@@ -284,8 +295,19 @@ def _plan(args) -> int:
     return 0
 
 
+def _embed(args) -> int:
+    from moe_sys.tasks.embed import embed
+
+    try:
+        print(f"wrote {args.out}: {embed(args.run_dir, args.images, args.out)} embeddings")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS = {"plan": _plan, "train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot,
-            "sweep": _sweep, "merge": _merge, "convert": _convert, "generate": _generate}
+            "sweep": _sweep, "merge": _merge, "convert": _convert, "generate": _generate, "embed": _embed}
 
 if __name__ == "__main__":
     sys.exit(main())

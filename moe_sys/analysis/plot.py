@@ -5,6 +5,8 @@
                     (mean over the last quarter of the logged steps)
   balance.png       max/mean load and coefficient of variation per layer over steps
   losses.png        LM and validation loss; balancing and z losses
+  retrieval.png     metric runs: retrieval metrics over steps, unified and per domain
+  neighbours.png    metric runs: queries and their top-5 neighbours at the last evaluation
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ matplotlib.use("Agg")  # files only; no display needed on clusters
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
+
+from moe_sys.analysis.retrieval_plot import neighbours, retrieval_curves  # noqa: E402
 
 
 def read_records(run_dir: str) -> List[Dict]:
@@ -73,7 +77,7 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for name, draw in (("expert_load", expert_load), ("domain_usage", domain_usage), ("balance", balance),
-                       ("losses", losses)):
+                       ("losses", losses), ("retrieval", retrieval_curves), ("neighbours", neighbours)):
         try:
             fig = draw(records, run_dir)
         except (KeyError, TypeError, ValueError, IndexError) as e:  # records of another shape than we log
@@ -162,8 +166,10 @@ def balance(records: List[Dict], run_dir: str):
 
 
 def losses(records: List[Dict], run_dir: str):
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
     train = _with(records, "lm_loss")
+    if not train:  # a metric run: retrieval_curves draws its evaluation
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
     left.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train LM loss")
     val = _with(records, "val_loss")
     if val:

@@ -22,7 +22,7 @@ ADAPTER_FILES = ("manifest.json", "adapters.safetensors")
 
 def problems(cfg) -> List[str]:
     out = []
-    for i, d in enumerate(cfg.data.domains):
+    for i, d in enumerate(cfg.data.domains if cfg.task.type == "lm" else ()):  # image folders: schema.metric_problems
         if d.path is not None and not all(os.path.isfile(d.path + ext) for ext in (".bin", ".idx")):
             out.append(f"data.domains.{i}.path: no indexed dataset at {d.path!r} (.bin/.idx); "
                        "build one with `moe-sys prepare-data`")
@@ -50,11 +50,26 @@ def _weights_problem(path: str) -> Optional[str]:
     if os.path.isfile(path):
         return None if path.endswith(".safetensors") else "is not a .safetensors file"
     if not os.path.isdir(path):
-        return "does not exist"
+        return "does not exist" + _producer_hint(path)
     if any(os.path.exists(os.path.join(path, *marker)) for marker in _CHECKPOINT_MARKERS):
         return None
     return ("holds no DeepSpeed checkpoint (a run dir, its checkpoints/ dir or a tag dir) nor a Hugging Face "
             "model (config.json), nor is a .safetensors file")
+
+
+def _producer_hint(path: str) -> str:
+    """'; create it first with `moe-sys train configs/X.yaml`' when a shipped config writes that run dir
+    (configs/uml_puma.yaml starts from the run of configs/vit_pretrain.yaml)."""
+    import glob
+
+    import yaml
+
+    for candidate in sorted(glob.glob("configs/*.yaml")):
+        with open(candidate, encoding="utf-8") as f:
+            run_dir = ((yaml.safe_load(f) or {}).get("logging") or {}).get("run_dir")
+        if run_dir and os.path.normpath(run_dir) == os.path.normpath(path):
+            return f"; create it first with `moe-sys train {candidate}`"
+    return ""
 
 
 def _adapter_dir_problem(path: str) -> Optional[str]:

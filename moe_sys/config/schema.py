@@ -5,6 +5,7 @@ loader can report every problem as one line naming the key.
 """
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Dict, List, Literal, Optional
 
 from pydantic import Field
@@ -14,6 +15,7 @@ from moe_sys.config.adapters import AdaptersConfig
 from moe_sys.config.data_vocab import vocab_problems
 from moe_sys.config.routing_rules import routing_problems
 from moe_sys.config.section import Seed, Section
+from moe_sys.config.task import TaskConfig
 
 
 class ViTConfig(Section):
@@ -210,6 +212,7 @@ class Config(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ops: OpsConfig = Field(default_factory=OpsConfig)
     adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     deepspeed: Dict[str, Any] = Field(default_factory=dict, description="merged over the generated DeepSpeed config")
 
     def check(self, world_size: Optional[int] = None) -> List[str]:
@@ -238,13 +241,29 @@ class Config(Section):
         names = [d.name for d in self.data.domains]
         if len(set(names)) != len(names):
             problems.append(f"data.domains: names must be unique, got {names}")
+        if self.task.type == "metric" and m.arch != "vit":
+            problems.append(f"model.arch: task.type metric trains an image encoder (model.arch: vit), got {m.arch}")
         problems += paths.problems(self)
-        problems += vocab_problems(m.vocab_size, self.data.domains, self.data.embedded_bpe)
+        if self.task.type == "metric":
+            problems += metric_problems(self)
+        if self.task.type == "lm":
+            problems += vocab_problems(m.vocab_size, self.data.domains, self.data.embedded_bpe)
         problems += self.adapters.problems(p.ep_size, names)
         world = world_size or p.procs
         if world % p.ep_size:
             problems.append(f"parallel.ep_size: world size {world} is not divisible by ep_size={p.ep_size}")
         return problems
+
+
+def metric_problems(cfg: "Config") -> List[str]:
+    """The metric task's rules: image folders exist, m_per_class divides the batch."""
+    problems = [f"data.domains.{i}.path: no image folder at {d.path!r} (one sub-folder of images per class)"
+                for i, d in enumerate(cfg.data.domains) if d.path is not None and not os.path.isdir(d.path)]
+    m = cfg.task.metric.sampler.m_per_class
+    if cfg.train.micro_batch_size % m:
+        problems.append(f"task.metric.sampler.m_per_class: {m} does not divide train.micro_batch_size="
+                        f"{cfg.train.micro_batch_size}")
+    return problems
 
 
 def vit_problems(m: ModelConfig) -> List[str]:

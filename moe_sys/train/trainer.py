@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -13,16 +13,15 @@ from moe_sys import ops
 from moe_sys.config import Config, dump_config
 from moe_sys.adapters import io as adapter_io
 from moe_sys.adapters.inject import inject
-from moe_sys.models.transformer import TransformerLM, lm_loss, token_losses
 from moe_sys.moe import balance, observe, recompute
 from moe_sys.parallel import deepspeed_engine, launch_env
 from moe_sys.parallel.experts import shard_and_mark_experts
 from moe_sys.parallel.groups import create_expert_groups, init_distributed
+from moe_sys.tasks import Task, build_task
 from moe_sys.train import checkpoint, run_dir, signals
-from moe_sys.train.data_feed import build_feeds, save_tokenizer
+from moe_sys.train.distributed import global_mean, global_sum, to_device
 from moe_sys.train.metrics import MetricsWriter
 from moe_sys.train.progress import Progress
-from moe_sys.weights import io as weights_io
 
 log = logging.getLogger("moe_sys")
 
@@ -41,11 +40,10 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
     ops.set_impl(cfg.ops.impl)
     torch.manual_seed(cfg.train.seed)
 
-    engine = _build_engine(cfg, world)
+    task = build_task(cfg)
+    engine = _build_engine(task, cfg, world)
     _prepare_run_dir(cfg, rank, bool(resume), overwrite)  # after the engine: it has set each rank's device
-    train_feed, valid_batches = build_feeds(cfg, rank, world)
-    if rank == 0:
-        save_tokenizer(cfg, cfg.logging.run_dir)
+    train_feed, valid_batches = task.build_feeds(rank, world)
     start = 0
     if resume:
         settings = deepspeed_engine.optimizer_settings(engine)
@@ -54,17 +52,19 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
         start = state["step"]
         train_feed.load_state_dict(state["data"])
     writer = MetricsWriter(cfg.logging.run_dir, cfg.logging.tensorboard, start if resume else None) if rank == 0 else None
-    progress = Progress(cfg.train.steps, start, enabled=rank == 0 and cfg.logging.progress_bar)
+    progress = Progress(cfg.train.steps, start, enabled=rank == 0 and cfg.logging.progress_bar,
+                        throughput=(task.throughput_key, task.throughput_label), eval_keys=task.progress_keys)
     history = []
     last = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     for step in range(start + 1, last + 1):
-        record = train_step(engine, train_feed, cfg)
+        record = train_step(task, engine, train_feed, cfg)
         record["step"] = step
-        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            record["val_loss"], record["val_loss_domain"] = evaluate(engine, valid_batches(), cfg.data.domains)
+        evaluated = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+        if evaluated:
+            record.update(evaluate(task, engine, valid_batches()))
         progress.update(record)
         history.append(record)
-        if writer and (step % cfg.logging.log_every == 0 or "val_loss" in record or step == start + 1):
+        if writer and (step % cfg.logging.log_every == 0 or evaluated or step == start + 1):
             writer.write(record)
         stop_signal = stop.agreed(engine.device)
         if _checkpoint_due(cfg, step, last) or stop_signal:
@@ -75,24 +75,22 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
             break
     stop.restore()
     if cfg.adapters.save and _has_adapters(cfg):  # every rank: sharded adapter experts are gathered
-        adapter_io.save_adapters(engine.module, os.path.join(cfg.logging.run_dir, "adapters"))
+        adapter_io.save_adapters(task.adapter_root(engine.module), os.path.join(cfg.logging.run_dir, "adapters"))
     progress.close()
     if writer:
         writer.close()
     return history
 
 
-def _build_engine(cfg: Config, world: int):
+def _build_engine(task: Task, cfg: Config, world: int):
     """Single-device model (+ its starting weights) -> shard and mark experts -> adapters -> DeepSpeed
     engine, once, in this order."""
-    model = TransformerLM(cfg.model, cfg.moe, num_domains=len(cfg.data.domains))
+    model = task.build_model()
     recompute.enable(model, cfg.train.activation_checkpointing)
-    if cfg.train.init_from:
-        weights_io.load_model_weights(model, cfg.train.init_from)
     groups = create_expert_groups(cfg.parallel.ep_size)
     shard_and_mark_experts(model, groups)
     if _has_adapters(cfg):
-        inject(model, cfg.adapters, [d.name for d in cfg.data.domains], groups)
+        inject(task.adapter_root(model), cfg.adapters, task.domain_names(), groups)
     balance.set_group(model, dist.group.WORLD)  # routers are replicated: every rank is a data-parallel rank
     deepspeed_engine.register_moe_layers(model, groups)
     from moe_sys.train.optim import build_optimizer
@@ -105,33 +103,34 @@ def _has_adapters(cfg: Config) -> bool:
     return bool(cfg.adapters.modules or cfg.adapters.load_from)
 
 
-def train_step(engine, feed, cfg: Config) -> Dict:
+def train_step(task: Task, engine, feed, cfg: Config) -> Dict:
     """One optimizer step over grad_accum_steps micro-batches; returns globally averaged metrics."""
     start = time.perf_counter()
     sums: Dict[str, torch.Tensor] = {}
-    routing_stats = observe.StepStats(len(cfg.data.domains))
-    tokens = 0
+    routing_stats = observe.StepStats(len(task.domain_names()))
+    units = 0
     for _ in range(cfg.train.grad_accum_steps):
-        batch = _to_device(next(feed), engine.device)
-        out = engine(batch["tokens"], batch["domain_ids"])
-        lm = lm_loss(out.logits_BSV, batch["labels"], batch["loss_mask"])
+        batch = to_device(next(feed), engine.device)
+        out = task.forward(engine, batch)
+        loss, parts = task.loss(out, batch)
         route_losses = observe.router_losses(out.routings)  # name -> summed over layers, already weighted
-        engine.backward(lm + sum(route_losses.values(), torch.zeros_like(lm)))
+        engine.backward(loss + sum(route_losses.values(), torch.zeros_like(loss)))
         engine.step()
-        _accumulate(sums, lm=lm, **route_losses)
+        _accumulate(sums, **parts, **route_losses)
         if out.routings:  # a dense model with non-routing adapters has none
             routing_stats.add(out.routings, batch["domain_ids"])
-        tokens += batch["tokens"].numel()
+        units += task.units(batch)
     balance.step(engine.module)  # once per optimizer step: aux-loss-free bias, global-batch counts
-    means = _global_mean(torch.stack(list(sums.values())) / cfg.train.grad_accum_steps)
+    means = global_mean(torch.stack(list(sums.values())) / cfg.train.grad_accum_steps)
     elapsed = time.perf_counter() - start
     record = dict(zip(sums.keys(), means.tolist()))
-    lm_value = record.pop("lm")
+    part_values = {f"{name}_loss": record.pop(name) for name in parts}
     aux, z = observe.split_losses(record)
     return {
-        "loss": lm_value + aux + z, "lm_loss": lm_value, "aux_loss": aux, "z_loss": z, "router_losses": record,
-        "lr": engine.get_lr()[0], "tokens_per_s": tokens * dist.get_world_size() / elapsed, "step_time_s": elapsed,
-        **(routing_stats.summary(_global_sum) if routing_stats.sums else {}),
+        "loss": sum(part_values.values()) + aux + z, **part_values, "aux_loss": aux, "z_loss": z,
+        "router_losses": record, "lr": engine.get_lr()[0],
+        task.throughput_key: units * dist.get_world_size() / elapsed, "step_time_s": elapsed,
+        **(routing_stats.summary(global_sum) if routing_stats.sums else {}),
     }
 
 
@@ -140,40 +139,13 @@ def _accumulate(sums: Dict[str, torch.Tensor], **values: torch.Tensor) -> None:
         sums[key] = sums.get(key, 0) + value.detach().float()
 
 
-def _to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _global_mean(t: torch.Tensor) -> torch.Tensor:
-    return _global_sum(t) / dist.get_world_size()
-
-
-def _global_sum(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t
-
-
-@torch.no_grad()
-def evaluate(engine, batches, domains) -> Tuple[float, Dict[str, float]]:
-    """Mean held-out LM loss over one pass of the validation batches (the same ones every time), and
-    each domain's token-weighted loss (NaN for a domain with no validation tokens)."""
+def evaluate(task: Task, engine, batches) -> Dict:
+    """The task's evaluation with the model in eval mode (dropout, stochastic adapters off)."""
     engine.eval()
-    total, count = torch.zeros(1, device=engine.device), 0
-    sums_A, tokens_A = torch.zeros(len(domains), device=engine.device), torch.zeros(len(domains), device=engine.device)
-    for batch in batches:
-        batch = _to_device(batch, engine.device)
-        out = engine(batch["tokens"], batch["domain_ids"])
-        ce_BS = token_losses(out.logits_BSV, batch["labels"]) * batch["loss_mask"]
-        total += ce_BS.sum() / batch["loss_mask"].sum().clamp_min(1.0)
-        sums_A.index_add_(0, batch["domain_ids"], ce_BS.sum(1))
-        tokens_A.index_add_(0, batch["domain_ids"], batch["loss_mask"].sum(1))
-        count += 1
-    engine.train()
-    total, sums_A, tokens_A = _global_sum(torch.cat([total / max(count, 1), sums_A, tokens_A])).split(
-        [1, len(domains), len(domains)])
-    per_domain = (sums_A / tokens_A).tolist()
-    return float(total) / dist.get_world_size(), {d.name: loss for d, loss in zip(domains, per_domain)}
+    try:
+        return task.evaluate(engine, batches)
+    finally:
+        engine.train()
 
 
 def _checkpoint_due(cfg: Config, step: int, last: int) -> bool:

@@ -1,0 +1,26 @@
+"""The ``task`` section: which kind of problem the one training loop runs (``moe_sys/tasks``)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from moe_sys.config.section import Section
+from moe_sys.metric.config import LossSpec, ProjectorSpec, SamplerSpec
+
+
+class MetricTaskConfig(Section):
+    """Metric learning over the image domains of ``data.domains`` (docs/metric.md); unused by lm."""
+
+    loss: LossSpec = Field(default_factory=LossSpec)
+    projector: ProjectorSpec = Field(default_factory=ProjectorSpec)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    glyph_seed: int = Field(0, description="seed of the embedded glyph renderer (part of its cache key)")
+    eval_batch_size: int = Field(256, gt=0, description="images per forward pass in retrieval evaluation")
+
+
+class TaskConfig(Section):
+    type: Literal["lm", "metric"] = Field(
+        "lm", description="lm: next-token language modelling on data.domains; metric: a ViT (model.arch: vit) "
+        "learns an embedding of the image domains in data.domains, evaluated by retrieval")
+    metric: MetricTaskConfig = Field(default_factory=MetricTaskConfig)
