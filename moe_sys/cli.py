@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method", help="average | task_arithmetic | ties | dare_linear | dare_ties | upcycle")
+    p.add_argument("method", help="average | task_arithmetic | magnitude_prune | ties | dare_linear | dare_ties | upcycle")
     p.add_argument("inputs", nargs="*", help="models (run dirs, DeepSpeed checkpoints, .safetensors) or adapter dirs")
     p.add_argument("--out", required=True, help="output .safetensors (models) or directory (adapters)")
     p.add_argument("--base", help="theta_0 of the task vectors (models); the dense model to upcycle")
@@ -55,6 +55,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=1.0, help="lambda: scale of the merged task vector")
     p.add_argument("--density", type=float, default=0.2, help="share of each task vector TIES/DARE keep")
     p.add_argument("--seed", type=int, default=0, help="DARE drop masks; upcycling noise and routers")
+    p.add_argument("--convention", default="peft", help="peft | mergekit: whose TIES/DARE formulas")
+    p.add_argument("--majority-sign", default="total", help="total | frequency: TIES' sign election")
     p.add_argument("--rank", type=int, help="rank of merged LoRA adapters (default: sum of the inputs' ranks)")
     p.add_argument("--config", help="upcycle: config of the MoE model to build")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -164,7 +166,8 @@ def _merge(args) -> int:
     from moe_sys.adapters import merge
 
     cfg = load_config(args.config, args.overrides) if args.method == "upcycle" else None
-    opts = merge.MergeOptions(args.method, args.weights, args.lam, args.density, args.seed)
+    opts = merge.MergeOptions(args.method, args.weights, args.lam, args.density, args.seed, args.convention,
+                              args.majority_sign)
     try:
         print(merge.run(args.method, args.inputs, args.out, opts, args.base, args.rank, cfg, args.noise_std))
     except (ValueError, FileNotFoundError) as e:

@@ -4,12 +4,13 @@ Every method works per tensor on task vectors tau_i = theta_i - theta_0 (theta_0
 zeros for adapters, whose parameters already are deltas) and returns theta_0 + lambda * merged:
   average          sum_i w_i tau_i / sum_i w_i, lambda = 1: the weighted average of the models
   task_arithmetic  sum_i w_i tau_i (Ilharco et al. 2023)
-  ties             trim each tau_i to its top-``density`` magnitudes, elect each entry's sign as the sign
-                   of the sum, average the entries that agree with it (Yadav et al. 2023)
-  dare_linear      drop each entry of tau_i with probability 1 - density and rescale the rest by
-                   1/density (Yu et al. 2024), then task arithmetic
+  magnitude_prune  trim each tau_i to its int(density * n) largest magnitudes, then task arithmetic
+  ties             trim, elect each entry's sign, mean of the weighted entries that agree (Yadav et al. 2023)
+  dare_linear      drop each entry of tau_i with probability 1 - density and rescale the rest
+                   (Yu et al. 2024), then task arithmetic
   dare_ties        DARE's drop and rescale, then TIES' sign election and disjoint mean
-Trimming keeps the top entries of each tensor (as PEFT), not of the whole task vector.
+as PEFT computes them by default, or as mergekit does (``convention``); the differences, and the
+per-slot / per-expert trimming, are in moe_sys.adapters.merge_methods.
 
 LoRA adapters merge on their full deltas A_i B_i per slot, never on A and B apart (an average of
 products is not the product of averages); the merged delta is factored back to rank ``rank`` by SVD
@@ -22,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -30,51 +30,16 @@ from safetensors.torch import load_file, save_file
 
 from moe_sys.adapters.io import ADAPTER_FILE, MANIFEST_FILE, read_model_weights, save_model_weights
 from moe_sys.adapters.lora import lora_scale
+from moe_sys.adapters.merge_methods import METHODS, MergeOptions, check_options, merge_tensor
 from moe_sys.models.transformer import TransformerLM
 from moe_sys.moe.layer import MoELayer
-
-
-METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-
-
-@dataclass(frozen=True)
-class MergeOptions:
-    method: str
-    weights: Optional[Sequence[float]] = None  # per model; default 1 each
-    lam: float = 1.0  # lambda (ignored by average)
-    density: float = 0.2  # fraction of each task vector TIES keeps / DARE keeps
-    seed: int = 0  # DARE's drop masks
-
-
-def merge_deltas(tau_M: torch.Tensor, opts: MergeOptions, generator: torch.Generator) -> torch.Tensor:
-    """[M, ...] task vectors of one tensor -> the merged delta [...] (before lambda)."""
-    w_M = torch.tensor(opts.weights if opts.weights is not None else [1.0] * tau_M.shape[0], dtype=tau_M.dtype)
-    if opts.method == "average":
-        w_M = w_M / w_M.sum()
-    if opts.method.startswith("dare"):
-        tau_M = tau_M * (torch.rand(tau_M.shape, generator=generator) < opts.density) / opts.density
-    if opts.method in ("average", "task_arithmetic", "dare_linear"):
-        return torch.tensordot(w_M, tau_M, dims=1)
-    if opts.method == "ties":
-        tau_M = _keep_top(tau_M, opts.density)
-    tau_M = tau_M * w_M.view(-1, *[1] * (tau_M.dim() - 1))
-    agree_M = (torch.sign(tau_M) == torch.sign(tau_M.sum(0))) & (tau_M != 0)
-    return (tau_M * agree_M).sum(0) / agree_M.sum(0).clamp_min(1)
-
-
-def _keep_top(tau_M: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the ceil(density * n) largest-magnitude entries of each task vector's tensor."""
-    flat = tau_M.reshape(tau_M.shape[0], -1)
-    n = flat.shape[1]
-    threshold = flat.abs().kthvalue(n - max(1, math.ceil(density * n)) + 1, dim=1, keepdim=True).values
-    return (flat * (flat.abs() >= threshold)).view_as(tau_M)
 
 
 def merge_states(states: List[Dict[str, torch.Tensor]], opts: MergeOptions,
                  base: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """theta_0 + lambda * merged(tau) for every tensor (base None = zeros). Math in fp32."""
-    if opts.method not in METHODS:
-        raise ValueError(f"unknown merge method {opts.method!r}; choose from {METHODS}")
+    check_options(opts, len(states))
+    w_M = torch.tensor(opts.weights if opts.weights is not None else [1.0] * len(states), dtype=torch.float32)
     generator = torch.Generator().manual_seed(opts.seed)
     lam = 1.0 if opts.method == "average" else opts.lam
     out = {}
@@ -82,7 +47,7 @@ def merge_states(states: List[Dict[str, torch.Tensor]], opts: MergeOptions,
         _check_same(key, states, base)
         theta0 = base[key].float() if base is not None else torch.zeros_like(first, dtype=torch.float32)
         tau_M = torch.stack([s[key].float() - theta0 for s in states])
-        out[key] = (theta0 + lam * merge_deltas(tau_M, opts, generator)).to(first.dtype)
+        out[key] = (theta0 + lam * merge_tensor(key, tau_M, w_M, opts, generator)).to(first.dtype)
     return out
 
 
@@ -95,7 +60,8 @@ def _check_same(key: str, states, base) -> None:
 def merge_checkpoints(inputs: Sequence[str], out: str, opts: MergeOptions, base: Optional[str] = None) -> None:
     """Whole models (run dirs, DeepSpeed checkpoints or .safetensors) -> one .safetensors file."""
     merged = merge_states([read_model_weights(p) for p in inputs], opts, read_model_weights(base) if base else None)
-    save_model_weights(merged, out, metadata={"merge": json.dumps({"method": opts.method, "inputs": list(inputs)})})
+    save_model_weights(merged, out, metadata={"merge": json.dumps({"method": opts.method, "convention": opts.convention,
+                                                                 "inputs": list(inputs)})})
 
 
 def merge_adapters(inputs: Sequence[str], out: str, opts: MergeOptions, rank: Optional[int] = None) -> float:
@@ -109,19 +75,19 @@ def merge_adapters(inputs: Sequence[str], out: str, opts: MergeOptions, rank: Op
         raise ValueError("adapters merge only when their specs (types, targets, sizes) are the same")
     states = [load_file(os.path.join(d, ADAPTER_FILE)) for d in inputs]
     lora_keys = {k[:-len("A_NIR")] for k in states[0] if k.endswith("A_NIR")}
-    products = [{p + "AB": s[p + "A_NIR"] @ s[p + "B_NRO"] for p in lora_keys} for s in states]
+    products = [{p + "AB_NIO": s[p + "A_NIR"] @ s[p + "B_NRO"] for p in lora_keys} for s in states]
     rest = [{k: v for k, v in s.items() if k[:-len("A_NIR")] not in lora_keys} for s in states]
     merged = merge_states(rest, opts)
     kept = 1.0
     for key, delta_NIO in merge_states(products, opts).items():
-        prefix = key[:-len("AB")]
+        prefix = key[:-len("AB_NIO")]
         r = rank or len(states) * states[0][prefix + "A_NIR"].shape[-1]
         merged[prefix + "A_NIR"], merged[prefix + "B_NRO"], share = _factor(delta_NIO, r)
         kept = min(kept, share)
     os.makedirs(out, exist_ok=True)
     save_file(merged, os.path.join(out, ADAPTER_FILE), metadata={"format": str(manifests[0]["format"])})
     specs = [_with_rank(spec, rank or len(states) * _lora_rank(spec)) for spec in manifests[0]["specs"]]
-    manifest = {**manifests[0], "specs": specs, "merge": opts.method}
+    manifest = {**manifests[0], "specs": specs, "merge": opts.method, "convention": opts.convention}
     with open(os.path.join(out, MANIFEST_FILE), "w") as f:
         json.dump(manifest, f, indent=1)
     return kept
@@ -237,13 +203,14 @@ def _argument_problem(method: str, inputs: Sequence[str], opts: MergeOptions, ra
     """What is wrong with the command line, before any file is read."""
     if method not in (*METHODS, "upcycle"):
         return f"unknown merge method {method!r}; choose from {', '.join((*METHODS, 'upcycle'))}"
-    if not 0 < opts.density <= 1:
-        return f"--density: {opts.density} must lie in (0, 1]"
     numbers = [opts.lam, opts.density, *(opts.weights or [])]
     if not all(math.isfinite(x) for x in numbers):
         return f"--lam/--density/--weights must be finite numbers, got {numbers}"
-    if opts.weights is not None and len(opts.weights) != len(inputs):
-        return f"--weights: {len(opts.weights)} weights for {len(inputs)} inputs (one per input)"
+    if method != "upcycle":
+        try:
+            check_options(opts, len(inputs))
+        except ValueError as e:
+            return str(e)
     if method == "average" and opts.weights is not None and sum(opts.weights) == 0:
         return "--weights: an average needs weights that do not sum to 0"
     if rank is not None and rank < 1:

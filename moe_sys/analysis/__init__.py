@@ -1,1 +1,1 @@
-"""Offline analysis of runs: plots (moe-sys plot) and the routing study."""
+"""Analysis of runs and models: plots (moe-sys plot), the routing study, task affinity and grouping."""
