@@ -49,16 +49,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
         self.proj = nn.Linear(d_model, d_model, bias=proj_bias)
 
-    def forward(self, x_BSD, cos=None, sin=None, prefix_kv: Optional[Tuple[torch.Tensor, ...]] = None):
+    def forward(self, x_BSD, cos=None, sin=None, prefix_kv: Optional[Tuple[torch.Tensor, ...]] = None,
+                attn_bias: Optional[torch.Tensor] = None):
         """cos/sin None: no rotary positions (the ViT adds learned ones to its input).
         prefix_kv: (k_BHPd, v_BHPd, visible_BP), P extra key/value positions before the sequence that
-        every query may attend to where visible (prefix tuning); they carry no rotary position."""
+        every query may attend to where visible (prefix tuning); they carry no rotary position.
+        attn_bias: [B, 1, S, S] added to the attention logits of every head (task-adapted attention;
+        non-causal, without prefix_kv: an attention is wrapped by one of the two adapters, never both)."""
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         if cos is not None:
             q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
         if prefix_kv is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=self.causal)
         else:
             k_p, v_p, visible_BP = prefix_kv
             causal_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device)
