@@ -82,13 +82,18 @@ def squared_distance(outside_NHW: torch.Tensor) -> torch.Tensor:
 
 
 def height_field(instances_HW: torch.Tensor, clip: float) -> torch.Tensor:
-    """D: per visible glyph region, the clipped distance of its pixels to the region's boundary / clip."""
-    ids = [int(i) for i in instances_HW.unique() if i > 0]
+    """D: per visible glyph region, the clipped distance of its pixels to the region's boundary / clip.
+    Each region's transform runs on its bounding box plus one pixel, which holds the nearest outside
+    pixel of every region pixel (a pixel beyond it has a closer one on the box's rim)."""
     height_HW = torch.zeros(instances_HW.shape)
-    if ids:
-        inside_KHW = torch.stack([instances_HW == i for i in ids])
-        dist_KHW = squared_distance(~inside_KHW).sqrt() - 0.5  # boundary half a pixel outside the border
-        height_HW = (dist_KHW.clamp(max=clip) * inside_KHW).sum(0) / clip
+    for i in instances_HW.unique().tolist():
+        if i == 0:
+            continue
+        ys, xs = torch.nonzero(instances_HW == i, as_tuple=True)
+        box = (slice(max(int(ys.min()) - 1, 0), int(ys.max()) + 2), slice(max(int(xs.min()) - 1, 0), int(xs.max()) + 2))
+        inside_hw = instances_HW[box] == i
+        dist_hw = squared_distance(~inside_hw[None])[0].sqrt() - 0.5  # boundary half a pixel outside the border
+        height_HW[box] += dist_hw.clamp(max=clip) * inside_hw / clip
     return height_HW
 
 

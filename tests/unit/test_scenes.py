@@ -96,3 +96,16 @@ def test_load_scenes_deterministic_cached_and_consistent(cache):
         assert area[a.largest_domain_N[n]] > 0
     test = scenes.load_scenes(["latin", "greek"], "test", 12, size=48, cache_root=cache)
     assert not set(test.largest_class_N) & set(a.largest_class_N)  # glyph splits: other classes, other fonts
+
+
+def test_height_on_bounding_boxes_equals_the_whole_canvas_transform():
+    g = torch.Generator().manual_seed(0)
+    instances = (torch.rand(40, 40, generator=g) < 0.6).long() * torch.randint(1, 4, (40, 40), generator=g)
+    instances[:, :3] = 2  # a region touching the canvas edge
+    instances[instances == 3] = 1
+    instances[20:26, 15:22], instances[22, 18] = 3, 0  # a small region (its box is cropped) with a hole
+    whole = torch.zeros(40, 40)
+    for i in (1, 2, 3):
+        d = scenes.squared_distance((instances != i)[None])[0].sqrt() - 0.5
+        whole += d.clamp(max=CLIP) * (instances == i) / CLIP
+    assert torch.equal(scenes.height_field(instances, CLIP), whole)
