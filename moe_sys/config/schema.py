@@ -5,6 +5,7 @@ loader can report every problem as one line naming the key.
 """
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Dict, List, Literal, Optional
 
 from pydantic import Field
