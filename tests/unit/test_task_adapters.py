@@ -100,8 +100,8 @@ def test_tsn_weight_is_film_of_the_layernorm_weight():
         out = layer(x)
     for b, t in enumerate(TASK_B):  # VTAGML's TaskScaledNorm: F.layer_norm per task with the modulated weight
         gamma, beta = layer.task.film(layer.task.embedding(t)).chunk(2)
-        w = (1 + gamma) * layer.base_layer.weight + beta
-        assert torch.allclose(out[b], F.layer_norm(x[b], (32,), w, layer.base_layer.bias, layer.base_layer.eps), atol=1e-5)
+        w, ln = (1 + gamma) * layer.base_layer.weight + beta, layer.base_layer
+        assert torch.allclose(out[b], F.layer_norm(x[b], (32,), w, ln.bias, ln.eps), atol=1e-5)
 
 
 def test_conditional_bottleneck_carries_its_output_from_block_to_block():
