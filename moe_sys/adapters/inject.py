@@ -14,7 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 
 # Importing the type modules registers them in ADAPTERS.
-from moe_sys.adapters import adapter_experts, bottleneck, ia3, lora, prefix, prompt_pool, stochastic  # noqa: F401
+from moe_sys.adapters import (adapter_experts, bottleneck, ia3, lora, prefix, prompt_pool, stochastic,  # noqa: F401
+                              task_conditioned)
 from moe_sys.adapters import io
 from moe_sys.adapters.base import ADAPTERS, AdapterLayer, Selection, Site, SlotAdapter, matches
 from moe_sys.config.adapters import AdaptersConfig, SlotSpec

@@ -135,6 +135,40 @@ class PrefixSpec(SlotSpec):
                                                               "(None: train it directly)")
 
 
+class TaskConditionedSpec(AdapterSpec):
+    """VTAGML's adapters, conditioned on each example's task (its domain id) through a learned task
+    embedding and FiLM; they start as the frozen model exactly (moe_sys/adapters/task_conditioned.py)."""
+
+    embed_dim: int = Field(64, gt=0, description="width of the learned task embedding")
+
+
+class TaskAttentionSpec(TaskConditionedSpec):
+    """Task-adapted attention: a task-dependent additive bias (1 + gamma) M + beta on every head's logits."""
+
+    type: Literal["task_attention"] = "task_attention"
+    targets: List[str] = Field(default_factory=lambda: ["blocks.*.attn"])
+    max_tokens: int = Field(197, gt=0, description="rows of the bias matrix M: at least the tokens per image "
+                                                   "(class token + patches + inserted prompts)")
+    blocks: int = Field(1, gt=0, description="> 1: the bias is block-diagonal with this many blocks (VTAGML's "
+                                             "hidden_size // max_seq_length)")
+
+
+class TaskNormSpec(TaskConditionedSpec):
+    """Task-scaled norm: a LayerNorm whose weight is FiLM-modulated by the task embedding."""
+
+    type: Literal["task_norm"] = "task_norm"
+    targets: List[str] = Field(default_factory=lambda: ["blocks.*.norm1", "blocks.*.norm2"])
+
+
+class ConditionalBottleneckSpec(TaskConditionedSpec):
+    """A FiLM-conditioned linear bottleneck after each target block, its output carried to the next one."""
+
+    type: Literal["conditional_bottleneck"] = "conditional_bottleneck"
+    targets: List[str] = Field(default_factory=lambda: ["blocks.*"])
+    dim: Optional[int] = Field(None, gt=0, description="bottleneck width (default: model width // 3, as VTAGML)")
+    scale: float = Field(1.0, description="weight of the bottleneck output added to the block output")
+
+
 class ExpertSpec(Section):
     """What each expert of a mixture is."""
 
@@ -190,7 +224,8 @@ class SmearSpec(AdapterSpec):
 
 
 AnySpec = Annotated[Union[LoRASpec, BottleneckSpec, StochasticSpec, PumaSpec, PromptPoolSpec, IA3Spec, PrefixSpec,
-                          MixtureSpec, SmearSpec], Field(discriminator="type")]
+                          MixtureSpec, SmearSpec, TaskAttentionSpec, TaskNormSpec, ConditionalBottleneckSpec],
+                    Field(discriminator="type")]
 
 # Routers whose decision can change from token to token: their weights cannot be merged per example.
 TOKEN_LEVEL_ROUTERS = ("topk", "expert_choice")

@@ -96,11 +96,13 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x_BSD, cos=None, sin=None, prefix_kv: Optional[Tuple[torch.Tensor, ...]] = None,
-                cache: Optional[KVCache] = None):
+                cache: Optional[KVCache] = None, attn_bias: Optional[torch.Tensor] = None):
         """cos/sin None: no rotary positions (the ViT adds learned ones to its input).
         prefix_kv: (k_BHPd, v_BHPd, visible_BP), P extra key/value positions before the sequence that
         every query may attend to where visible (prefix tuning); they carry no rotary position.
-        cache: the keys/values of earlier positions (generation); x_BSD continues after them."""
+        cache: the keys/values of earlier positions (generation); x_BSD continues after them.
+        attn_bias: [B, 1, S, S] added to every head's attention logits (task-adapted attention; encoders
+        only, without prefix_kv: an attention is wrapped by one of the two adapters, never both)."""
         B, S, _ = x_BSD.shape
         q, k, v = self._heads(x_BSD)
         start = cache.length if cache is not None else 0
@@ -115,7 +117,8 @@ class Attention(nn.Module):
         if prefix_kv is None:
             # after a cached prefix, query s sees every earlier position and the new ones up to s
             mask_SK = None if start == 0 else torch.ones(S, start + S, dtype=torch.bool, device=q.device).tril(start)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and start == 0, attn_mask=mask_SK)
+            mask = attn_bias if attn_bias is not None else mask_SK
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and start == 0, attn_mask=mask)
         else:
             k_p, v_p, visible_BP = prefix_kv
             causal_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device)

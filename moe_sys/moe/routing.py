@@ -24,11 +24,14 @@ class RoutingContext:
     batch_shape: (B, S), so token t belongs to example t // S.
     domain_B: int64 domain/task id of each example (from the data pipeline), or None.
     mask_BS: 1 for real tokens, 0 for padding, or None when nothing is padded.
+    carry: state layers pass along the depth of this one forward pass, by name (the conditional
+        bottleneck adapters carry their output from block to block); empty at the start.
     """
 
     batch_shape: Tuple[int, int]
     domain_B: Optional[torch.Tensor] = None
     mask_BS: Optional[torch.Tensor] = None
+    carry: Dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
