@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field
 
 from moe_sys.config.section import Section
-from moe_sys.metric.config import LossSpec, ProjectorSpec, SamplerSpec
+from moe_sys.config.metric import LossSpec, ProjectorSpec, SamplerSpec
 
 
 class MetricTaskConfig(Section):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moe_sys.metric import losses, proxy_losses
-from moe_sys.metric.config import LossSpec
+from moe_sys.config.metric import LossSpec
 from moe_sys.metric.distributed import gather_batch
 
 

@@ -18,7 +18,7 @@ def _global_batch():
 
 
 def _build(name, gather):
-    from moe_sys.metric.config import LossSpec
+    from moe_sys.config.metric import LossSpec
     from moe_sys.metric.projector import Projector
     from moe_sys.metric.registry import build_loss
 

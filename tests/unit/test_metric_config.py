@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from moe_sys.metric.config import LOSS_PARAMS, LossSpec, ProjectorSpec
+from moe_sys.config.metric import LOSS_PARAMS, LossSpec, ProjectorSpec
 from moe_sys.metric.projector import Projector
 from moe_sys.metric.registry import LOSSES, build_loss
 

@@ -1,7 +1,8 @@
 """Config sections of the metric-learning pieces: the loss, the projector head and the sampler.
 
-Pydantic only (no torch), so reading a config stays cheap. ``LossSpec`` picks a loss by name and
-checks its ``params`` against that loss's parameter model below; the defaults there are
+Pydantic only (no torch), so reading a config stays cheap. It lives with the other sections: imported
+from moe_sys.metric it would meet a half-imported config package. ``LossSpec`` picks a loss by name
+and checks its ``params`` against that loss's parameter model below; the defaults there are
 pytorch-metric-learning 2.9's (PUMA's for CurricularFace) and a unit test keeps them equal to the
 defaults of the functions in ``moe_sys.metric.losses`` / ``proxy_losses``.
 """
