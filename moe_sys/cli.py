@@ -120,6 +120,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:  # a file or directory refused (damaged checkpoint, unsafe pickle, used run dir)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, OSError) as e:
+        if args.command not in FILE_COMMANDS:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _setup_logging() -> None:
@@ -235,49 +240,33 @@ def _merge(args) -> int:
     cfg = load_config(args.config, args.overrides) if args.method == "upcycle" else None
     opts = merge.MergeOptions(args.method, args.weights, args.lam, args.density, args.seed, args.convention,
                               args.majority_sign)
-    try:
-        print(merge.run(args.method, args.inputs, args.out, opts, args.base, args.rank, cfg, args.noise_std))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(merge.run(args.method, args.inputs, args.out, opts, args.base, args.rank, cfg, args.noise_std))
     return 0
 
 
 def _convert(args) -> int:
     from moe_sys.weights import hf_write
 
-    try:
-        if args.direction in ("from-hf", "to-hf"):
-            convert = hf_write.from_hf if args.direction == "from-hf" else hf_write.to_hf
-            print(convert(args.source, args.out))
-        else:
-            print(hf_write.convert_lora(args.direction, args.source, args.base, args.out))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.direction in ("from-hf", "to-hf"):
+        convert = hf_write.from_hf if args.direction == "from-hf" else hf_write.to_hf
+        print(convert(args.source, args.out))
+    else:
+        print(hf_write.convert_lora(args.direction, args.source, args.base, args.out))
     return 0
 
 
 def _generate(args) -> int:
     from moe_sys.models import generate
 
-    try:
-        print(generate.run(args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(generate.run(args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed))
     return 0
 
 
 def _plot(args) -> int:
     from moe_sys.analysis.plot import plot_run
 
-    try:
-        for path in plot_run(args.run_dir, args.out):
-            print(path)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
     return 0
 
 
@@ -286,28 +275,23 @@ def _plan(args) -> int:
 
     world = args.gpus * args.nodes
     cfg = load_config(args.config, args.overrides, world_size=world)
-    try:
-        ep_sizes = [int(v) for v in args.ep_sizes.split(",")]
-        print(run(cfg, args.gpus, args.nodes, args.gpu_memory, args.link_gbps, args.from_run, ep_sizes))
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ep_sizes = [int(v) for v in args.ep_sizes.split(",")]
+    print(run(cfg, args.gpus, args.nodes, args.gpu_memory, args.link_gbps, args.from_run, ep_sizes))
     return 0
 
 
 def _embed(args) -> int:
     from moe_sys.tasks.embed import embed
 
-    try:
-        print(f"wrote {args.out}: {embed(args.run_dir, args.images, args.out)} embeddings")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(f"wrote {args.out}: {embed(args.run_dir, args.images, args.out)} embeddings")
     return 0
 
 
-COMMANDS = {"plan": _plan, "train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot,
-            "sweep": _sweep, "merge": _merge, "convert": _convert, "generate": _generate, "embed": _embed}
+# Commands that read files the user names: their ValueError / OSError is a one-line refusal of that input.
+FILE_COMMANDS = ("merge", "convert", "generate", "plot", "plan", "embed")
+COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot,
+            "sweep": _sweep, "merge": _merge, "convert": _convert, "generate": _generate, "plan": _plan,
+            "embed": _embed}
 
 if __name__ == "__main__":
     sys.exit(main())
