@@ -12,6 +12,7 @@ terms cancel) and with ``reduction``, the longest chain of terms summed into one
 loop can run them on fresh random values (bench/tolerance_repeat.sh); unset, the seeds are the usual ones.
 """
 import os
+from typing import Optional
 
 import torch
 
@@ -33,14 +34,18 @@ def bound(dtype: torch.dtype, reduction: int, floor: float = 0.0, accumulate: to
     return 2 * torch.finfo(dtype).eps + reduction * torch.finfo(accumulate).eps + 2 * floor
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| over the magnitude of ``expected`` (its largest entry)."""
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, magnitude: Optional[torch.Tensor] = None) -> float:
+    """max |actual - expected| over the values' magnitude: the largest entry of ``magnitude`` (the same
+    computation on the inputs' absolute values, i.e. each output's sum of |terms|, where terms may
+    cancel), else of ``expected``."""
     actual, expected = actual.detach().double(), expected.detach().double()
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)) if expected.numel() else 0.0
+    scale = (expected if magnitude is None else magnitude.detach().double()).abs().max() if expected.numel() else None
+    return float((actual - expected).abs().max() / scale.clamp_min(1e-30)) if expected.numel() else 0.0
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, reduction: int, what: str = "") -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, reduction: int, what: str = "",
+                 magnitude: Optional[torch.Tensor] = None) -> None:
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, (what, actual.shape, expected.shape,
                                                                                actual.dtype, expected.dtype)
-    err, tol = rel_err(actual, expected), bound(expected.dtype, reduction)
+    err, tol = rel_err(actual, expected, magnitude), bound(expected.dtype, reduction)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g} ({expected.dtype}, reduction {reduction})"

@@ -77,7 +77,9 @@ def unpermute(y_RD: torch.Tensor, dest_row_TK: torch.Tensor, weights_TK: Optiona
     """
     T, K = dest_row_TK.shape
     kept = dest_row_TK >= 0
-    rows = y_RD.index_select(0, dest_row_TK.clamp(min=0).reshape(-1)).view(T, K, y_RD.shape[1])
+    # dropped slots read an appended zero row: valid also when every slot was dropped (R = 0)
+    padded_RD = torch.cat([y_RD, y_RD.new_zeros(1, y_RD.shape[1])])
+    rows = padded_RD.index_select(0, torch.where(kept, dest_row_TK, y_RD.shape[0]).reshape(-1)).view(T, K, y_RD.shape[1])
     acc_dtype = torch.float32 if y_RD.dtype in (torch.float16, torch.bfloat16) else y_RD.dtype
     w = kept.to(acc_dtype) if weights_TK is None else weights_TK.to(acc_dtype) * kept
     return torch.einsum("tkd,tk->td", rows.to(acc_dtype), w).to(y_RD.dtype)
