@@ -13,6 +13,7 @@ from pydantic import Field
 from moe_sys.config import paths
 from moe_sys.config.adapters import AdaptersConfig
 from moe_sys.config.data_vocab import vocab_problems
+from moe_sys.config.multitask import multitask_problems
 from moe_sys.config.routing_rules import routing_problems
 from moe_sys.config.section import Seed, Section
 from moe_sys.config.task import TaskConfig
@@ -235,7 +236,8 @@ class Config(Section):
             problems.append(f"moe.num_experts: {moe.num_experts} is not divisible by parallel.ep_size={p.ep_size}")
         if self.data.seq_len > m.max_seq_len:
             problems.append(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-        problems += moe.check(len(self.data.domains))
+        routed = self.task.routing_domains(self.data.domains)
+        problems += moe.check(len(routed))
         if moe.first_moe_layer >= m.n_layers:
             problems.append(f"moe.first_moe_layer: {moe.first_moe_layer} but model.n_layers={m.n_layers}")
         names = [d.name for d in self.data.domains]
@@ -246,9 +248,11 @@ class Config(Section):
         problems += paths.problems(self)
         if self.task.type == "metric":
             problems += metric_problems(self)
+        if self.task.type == "multitask":
+            problems += multitask_problems(self)
         if self.task.type == "lm":
             problems += vocab_problems(m.vocab_size, self.data.domains, self.data.embedded_bpe)
-        problems += self.adapters.problems(p.ep_size, names)
+        problems += self.adapters.problems(p.ep_size, routed)
         world = world_size or p.procs
         if world % p.ep_size:
             problems.append(f"parallel.ep_size: world size {world} is not divisible by ep_size={p.ep_size}")

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from moe_sys.config.section import Section
 from moe_sys.config.metric import LossSpec, ProjectorSpec, SamplerSpec
+from moe_sys.config.multitask import MultitaskConfig
 
 
 class MetricTaskConfig(Section):
@@ -20,7 +21,13 @@ class MetricTaskConfig(Section):
 
 
 class TaskConfig(Section):
-    type: Literal["lm", "metric"] = Field(
+    type: Literal["lm", "metric", "multitask"] = Field(
         "lm", description="lm: next-token language modelling on data.domains; metric: a ViT (model.arch: vit) "
-        "learns an embedding of the image domains in data.domains, evaluated by retrieval")
+        "learns an embedding of the image domains in data.domains, evaluated by retrieval; multitask: a shared "
+        "ViT with a decoder per dense task on the embedded glyph scenes (task.multitask)")
     metric: MetricTaskConfig = Field(default_factory=MetricTaskConfig)
+    multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
+
+    def routing_domains(self, data_domains) -> list:
+        """Names of the ids batches carry in domain_ids: the tasks of a multitask run, else data.domains."""
+        return list(self.multitask.tasks) if self.type == "multitask" else [d.name for d in data_domains]

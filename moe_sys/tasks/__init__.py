@@ -14,7 +14,13 @@ def _metric() -> Type[Task]:
     return MetricTask
 
 
-TASKS: Dict[str, Callable[[], Type[Task]]] = {"lm": lambda: LMTask, "metric": _metric}
+def _multitask() -> Type[Task]:
+    from moe_sys.tasks.multitask import MultitaskTask
+
+    return MultitaskTask
+
+
+TASKS: Dict[str, Callable[[], Type[Task]]] = {"lm": lambda: LMTask, "metric": _metric, "multitask": _multitask}
 
 
 def build_task(cfg) -> Task:

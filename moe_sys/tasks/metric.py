@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moe_sys.weights import io as weights_io
+from moe_sys.weights.vit import fit_positions
 from moe_sys.analysis.retrieval_plot import SAMPLE_FILE
 from moe_sys.data.images import ImageSet, load_domains
 from moe_sys.eval.retrieval import nearest, retrieval_metrics
@@ -170,11 +171,12 @@ def save_sample(path: str, emb_ND: torch.Tensor, images: ImageSet, order_N: np.n
 
 
 def load_encoder_weights(encoder: nn.Module, path: str) -> None:
-    """The encoder of a metric run (its ``encoder.*`` weights; the head and loss belong to the old
-    classes and stay behind), or a whole-encoder .safetensors file."""
+    """The encoder of a metric or multitask run (its ``encoder.*`` weights; the heads and losses stay
+    behind), or a whole-encoder .safetensors file; positions are resampled to this image size."""
     state = weights_io.read_model_weights(path)
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    state = fit_positions(state, encoder)  # an encoder trained on another image size
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit the encoder: missing {missing[:4]}, unexpected {unexpected[:4]}")

@@ -9,6 +9,7 @@ from typing import Dict
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from moe_sys.weights import vit_hf, vit_timm
 
@@ -43,3 +44,15 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str) -> N
                              f"{tuple(own[key].shape)} (check model.d_model, d_ff, vit.image_size, patch_size, "
                              "in_channels)")
     model.load_state_dict(state, strict=True)
+
+
+def fit_positions(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``state`` with its learned positions resampled to the model's patch grid when the image sizes
+    differ (timm's resample_abs_pos_embed: the class token's position kept, the g x g grid bicubic)."""
+    pos_1SD, own_1SD = state.get("embed.pos_embed"), model.embed.pos_embed
+    if pos_1SD is None or pos_1SD.shape == own_1SD.shape or pos_1SD.shape[-1] != own_1SD.shape[-1]:
+        return state
+    old, new = (int(round((t.shape[1] - 1) ** 0.5)) for t in (pos_1SD, own_1SD))
+    grid_1Dgg = pos_1SD[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid_1ND = F.interpolate(grid_1Dgg, size=(new, new), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    return {**state, "embed.pos_embed": torch.cat([pos_1SD[:, :1], grid_1ND.to(pos_1SD.dtype)], 1)}
