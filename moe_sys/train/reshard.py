@@ -83,7 +83,7 @@ def write(root: str, tag: str, ep_size: int) -> str:
     from moe_sys.train import checkpoint, manifest
 
     src = os.path.join(root, tag)
-    if saved_layout(src) is None and not is_resharded(src):
+    if saved_layout(src) is None:
         raise UserError(f"{src}: saved before moe-sys recorded checkpoint layouts; resume it once at its own "
                         "ep_size and save again to reshard it")
     check_ep_size(src, ep_size)
