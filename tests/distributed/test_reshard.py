@@ -3,15 +3,16 @@ after the switch equal an uninterrupted run at the new size, and every expert's 
 the rank and slot that now holds that expert.
 
 EP=2 -> 1 on 2 ranks with ZeRO-1 (resharded by ``--resume``), and 2 ranks EP=2 -> 1 rank EP=1 with
-ZeRO-0 (resharded offline by ``moe-sys checkpoint reshard``), both against one uninterrupted EP=1 run
-on 2 ranks. The balancing losses are only the z-loss
-(a mean over tokens) and the aux-free bias (global counts): both are the same whether a global batch
-is cut into 1 x 4 or 2 x 2 sequences, so runs at different world sizes can be compared.
+ZeRO-0 (resharded offline by ``moe-sys checkpoint reshard``, its CLI entry called in this process),
+both against one uninterrupted EP=1 run on 2 ranks. The balancing losses are only the z-loss (a mean
+over tokens) and the aux-free bias (global counts): both are the same whether a global batch is cut
+into 1 x 4 or 2 x 2 sequences, so runs at different world sizes can be compared.
 """
 import torch
 
+from moe_sys import cli
 from tests.distributed.spawn import run_ranks
-from tests.e2e.conftest import TINY, run_cli
+from tests.e2e.conftest import TINY
 
 SETS = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=32",
         "data.seq_len=32", "moe.num_experts=4", "train.steps=4", "train.warmup_steps=1", "train.eval_every=1000",
@@ -77,13 +78,13 @@ def _gather_rows(local, group):
     return torch.cat(parts)
 
 
-def _loaded_states(tmp, world, run, ep, tag):
-    """A fresh ZeRO-1 engine at ``ep`` that loaded checkpoint ``tag`` of ``run``; its optimizer states."""
+def _loaded_states(tmp, world, run, ep, stage, tag):
+    """A fresh engine (ZeRO ``stage``) at ``ep`` that loaded checkpoint ``tag`` of ``run``; its optimizer states."""
     from moe_sys.tasks import build_task
     from moe_sys.train import checkpoint
     from moe_sys.train.trainer import _build_engine
 
-    cfg = _cfg(tmp, world, run, ep, 1)
+    cfg = _cfg(tmp, world, run, ep, stage)
     torch.manual_seed(cfg.train.seed)
     engine = _build_engine(build_task(cfg), cfg, world)
     checkpoint.load(engine, cfg.logging.run_dir, tag, ep)
@@ -95,8 +96,8 @@ def _two_ranks(rank, world, tmp):
     # EP=2 -> EP=1 on the same 2 ranks, ZeRO-1, resharded by --resume
     out["shrink"] = _train(_cfg(tmp, world, "shrink", 2, 1, f"train.stop_after={SWITCH}"))
     out["shrink"] += _train(_cfg(tmp, world, "shrink", 1, 1), resume="auto")
-    saved = _loaded_states(tmp, world, "shrink", 2, "step_00000002")  # DeepSpeed's own load, same EP
-    resharded = _loaded_states(tmp, world, "shrink", 1, "step_00000002-ep1")
+    saved = _loaded_states(tmp, world, "shrink", 2, 1, "step_00000002")  # DeepSpeed's own load, same EP
+    resharded = _loaded_states(tmp, world, "shrink", 1, 2, "step_00000002-ep1")  # into ZeRO-2
     out["moments_equal"] = {n: all(torch.equal(a, b) for a, b in zip(saved[n], resharded[n])) for n in saved}
     # the first half of EP=2 on 2 ranks -> EP=1 on 1 rank, ZeRO-0 (continued by _one_rank)
     out["to_one_rank"] = _train(_cfg(tmp, world, "to_one_rank", 2, 0, f"train.stop_after={SWITCH}"))
@@ -107,7 +108,7 @@ def _one_rank(rank, world, tmp):
     return _train(_cfg(tmp, world, "to_one_rank", 1, 0), resume="auto")
 
 
-def test_resharded_continuation_matches_uninterrupted_run(tmp_path):
+def test_resharded_continuation_matches_uninterrupted_run(tmp_path, capsys):
     out = run_ranks(_two_ranks, 2, str(tmp_path))[0]
     straight = out["straight"]
     assert len(out["shrink"]) == len(straight) == 4
@@ -116,9 +117,8 @@ def test_resharded_continuation_matches_uninterrupted_run(tmp_path):
     assert len(experts) == 6 and all(out["moments_equal"].values()), out["moments_equal"]
     assert sum("bias_E" in n for n in out["moments_equal"]) == 2
 
-    proc = run_cli("checkpoint", "reshard", str(tmp_path / "to_one_rank"), "--ep-size", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().endswith("step_00000002-ep1")
+    assert cli.main(["checkpoint", "reshard", str(tmp_path / "to_one_rank"), "--ep-size", "1"]) == 0
+    assert capsys.readouterr().out.strip().endswith("step_00000002-ep1")
     continued = run_ranks(_one_rank, 1, str(tmp_path))[0]
     assert len(continued) == 4 - SWITCH
     _close(out["to_one_rank"] + continued, straight)
@@ -130,7 +130,6 @@ def _close(got, want):
     assert max(abs(a - b) for a, b in zip(got, want)) < LOSS_TOL, list(zip(got, want))
 
 
-def test_reshard_refuses_bad_input_in_one_line(tmp_path):
-    proc = run_cli("checkpoint", "reshard", str(tmp_path / "absent"), "--ep-size", "2")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'absent'}: no checkpoints directory (not a run directory?)"
+def test_reshard_refuses_bad_input_in_one_line(tmp_path, capsys):
+    assert cli.main(["checkpoint", "reshard", str(tmp_path / "absent"), "--ep-size", "2"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'absent'}: no checkpoints directory (not a run directory?)\n"
