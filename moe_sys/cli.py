@@ -17,9 +17,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resume_mode(value: str) -> str:
-    import re
+    from moe_sys.train.checkpoint import TAG_PATTERN
 
-    if value in ("auto", "strict") or re.fullmatch(r"step_\d{8,}", value):
+    if value in ("auto", "strict") or TAG_PATTERN.fullmatch(value):
         return value
     raise argparse.ArgumentTypeError(f"{value!r}: --resume takes strict or a checkpoint name (step_00000100), "
                                      "written --resume=VALUE; the config goes before it")
@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                                   "lora-to-peft: an adapter dir; lora-from-peft: a PEFT adapter dir")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--base", help="lora-*: the base model's dir (a from-hf output or run dir with config.yaml)")
+    p = sub.add_parser("checkpoint", help="operate on a run's checkpoints")
+    action = p.add_subparsers(dest="action", required=True)
+    p = action.add_parser("reshard", help="rewrite the checkpoint --resume would take for another expert-parallel "
+                                          "size, as a new tag step_N-epQ (the original stays)")
+    p.add_argument("run_dir", help="a run directory (holds checkpoints/)")
+    p.add_argument("--ep-size", type=int, required=True, help="the expert-parallel size to continue at")
+    p.add_argument("--tag", default="auto", type=_resume_mode, help="which checkpoint: as --resume (default: newest intact)")
     p = sub.add_parser("generate", help="sample text from a run dir, a convert dir or a Hugging Face dir")
     p.add_argument("model", help="RUN_DIR (config.yaml + checkpoint or model.safetensors) or HF_DIR (config.json)")
     p.add_argument("--prompt", required=True)
@@ -270,6 +277,13 @@ def _plot(args) -> int:
     return 0
 
 
+def _checkpoint(args) -> int:
+    from moe_sys.train.checkpoint import reshard_run
+
+    print(reshard_run(args.run_dir, args.ep_size, args.tag))
+    return 0
+
+
 def _plan(args) -> int:
     from moe_sys.plan.report import run
 
@@ -288,10 +302,10 @@ def _embed(args) -> int:
 
 
 # Commands that read files the user names: their ValueError / OSError is a one-line refusal of that input.
-FILE_COMMANDS = ("merge", "convert", "generate", "plot", "plan", "embed")
+FILE_COMMANDS = ("merge", "convert", "generate", "plot", "plan", "embed", "checkpoint")
 COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot,
             "sweep": _sweep, "merge": _merge, "convert": _convert, "generate": _generate, "plan": _plan,
-            "embed": _embed}
+            "embed": _embed, "checkpoint": _checkpoint}
 
 if __name__ == "__main__":
     sys.exit(main())

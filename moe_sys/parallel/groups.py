@@ -48,3 +48,10 @@ def create_expert_groups(ep_size: int) -> ExpertGroups:
         ep_size=groups._get_expert_parallel_world_size(name),
         edp_group=groups._get_expert_data_parallel_group(name),
     )
+
+
+def expert_parallel_rank(group_name: str) -> int:
+    """This rank's index in DeepSpeed's expert-parallel group ``group_name`` (a param's ``group_name``)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_rank(group_name)

@@ -22,12 +22,12 @@ import torch.distributed as dist
 
 from moe_sys import safe_load
 from moe_sys.errors import UserError
-from moe_sys.train import manifest
+from moe_sys.train import manifest, reshard
 from moe_sys.train.manifest import CheckpointError
 
 log = logging.getLogger("moe_sys")
 
-TAG_PATTERN = re.compile(r"step_\d{8,}")
+TAG_PATTERN = re.compile(r"step_\d{8,}(-ep\d+)?")  # -epQ: resharded for expert-parallel size Q (reshard.py)
 TMP_PREFIX = "tmp-"  # a tag being written; never what ``latest`` names
 RESUME_MODES = ("auto", "strict")  # newest intact checkpoint with a warning | refuse any damage
 
@@ -37,7 +37,7 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def step_of(tag: str) -> int:
-    return int(tag.split("_")[1])
+    return int(tag.split("_")[1].split("-")[0])
 
 
 def tags(run_dir: str) -> List[str]:
@@ -46,7 +46,7 @@ def tags(run_dir: str) -> List[str]:
     if not os.path.isdir(root):
         return []
     found = [d for d in os.listdir(root) if TAG_PATTERN.fullmatch(d) and os.path.isdir(os.path.join(root, d))]
-    return sorted(found, key=step_of, reverse=True)
+    return sorted(found, key=lambda t: (step_of(t), t), reverse=True)  # a resharded step_N-epQ before step_N
 
 
 def latest_tag(run_dir: str) -> Optional[str]:
@@ -205,12 +205,48 @@ def decided_on_rank0(fn: Callable[[], Any]) -> Any:
     return outcome[0]
 
 
-def load(engine, run_dir: str, mode: str = "auto") -> Dict[str, Any]:
+def load(engine, run_dir: str, mode: str = "auto", ep_size: Optional[int] = None) -> Dict[str, Any]:
     """Restore model, optimizer, LR schedule and RNG from the checkpoint ``choose`` picks (on rank 0,
-    which tells the others); returns the client state."""
-    tag = decided_on_rank0(lambda: choose(run_dir, mode))
-    path, client_state = engine.load_checkpoint(checkpoint_dir(run_dir), tag=tag)
+    which tells the others); returns the client state. A checkpoint saved at another expert-parallel
+    size or world size is resharded first (``reshard.py``; one log line says so)."""
+    tag = decided_on_rank0(lambda: _resharded_if_needed(run_dir, choose(run_dir, mode), ep_size, engine.train_batch_size()))
+    tag_dir = os.path.join(checkpoint_dir(run_dir), tag)
+    resharded = reshard.is_resharded(tag_dir)
+    path, client_state = engine.load_checkpoint(checkpoint_dir(run_dir), tag=tag, load_optimizer_states=not resharded)
     if path is None:
         raise CheckpointError(f"--resume: DeepSpeed could not load checkpoint {tag} from {checkpoint_dir(run_dir)}")
-    _load_rng(os.path.join(checkpoint_dir(run_dir), tag), dist.get_rank())
+    if resharded:
+        reshard.apply(engine, tag_dir)
+    saved_world = (client_state.get("layout") or {}).get("world_size", dist.get_world_size())
+    # A rank the saved run did not have starts from rank 0's streams, as every rank of a fresh run
+    # starts from the same seed.
+    _load_rng(tag_dir, dist.get_rank() if dist.get_rank() < saved_world else 0)
     return client_state
+
+
+def reshard_run(run_dir: str, ep_size: int, mode: str = "auto") -> str:
+    """``moe-sys checkpoint reshard``: the checkpoint ``--resume=mode`` would take, rewritten as a new tag
+    for ``ep_size`` (which ``latest`` then names); returns its directory."""
+    if not os.path.isdir(checkpoint_dir(run_dir)):
+        raise CheckpointError(f"{run_dir}: no checkpoints directory (not a run directory?)")
+    new_tag = reshard.write(checkpoint_dir(run_dir), choose(run_dir, mode), ep_size)
+    return os.path.join(checkpoint_dir(run_dir), new_tag)
+
+
+def _resharded_if_needed(run_dir: str, tag: str, ep_size: Optional[int], global_batch: int) -> str:
+    """``tag``, or the tag resharded for ``ep_size`` on this world size when it was saved on another."""
+    saved = reshard.saved_layout(os.path.join(checkpoint_dir(run_dir), tag))
+    world = dist.get_world_size()
+    if saved is None or ep_size is None or (saved["ep_size"], saved["world_size"]) == (ep_size, world):
+        return tag
+    if saved["world_size"] != world and saved["global_batch"] != global_batch:
+        raise CheckpointError(
+            f"checkpoint {tag} was trained with a global batch of {saved['global_batch']} sequences on "
+            f"{saved['world_size']} ranks, this run's is {global_batch} on {world}: set train.micro_batch_size or "
+            "train.grad_accum_steps to keep it, so that the data position and the schedule mean the same")
+    if reshard.is_resharded(os.path.join(checkpoint_dir(run_dir), tag)):
+        return tag
+    new_tag = reshard.write(checkpoint_dir(run_dir), tag, ep_size)
+    log.info("checkpoint %s was saved at ep_size %d on %d ranks: resharded for ep_size %d on %d ranks as %s",
+             tag, saved["ep_size"], saved["world_size"], ep_size, world, new_tag)
+    return new_tag

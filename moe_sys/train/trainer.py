@@ -18,7 +18,7 @@ from moe_sys.parallel import deepspeed_engine, launch_env
 from moe_sys.parallel.experts import shard_and_mark_experts
 from moe_sys.parallel.groups import create_expert_groups, init_distributed
 from moe_sys.tasks import Task, build_task
-from moe_sys.train import checkpoint, run_dir, signals
+from moe_sys.train import checkpoint, reshard, run_dir, signals
 from moe_sys.train.distributed import global_mean, global_sum, to_device
 from moe_sys.train.metrics import MetricsWriter
 from moe_sys.train.progress import Progress
@@ -47,7 +47,7 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
     start = 0
     if resume:
         settings = deepspeed_engine.optimizer_settings(engine)
-        state = checkpoint.load(engine, cfg.logging.run_dir, resume)
+        state = checkpoint.load(engine, cfg.logging.run_dir, resume, cfg.parallel.ep_size)
         deepspeed_engine.reapply_settings(engine, settings, cfg.train.grad_clip)
         start = state["step"]
         train_feed.load_state_dict(state["data"])
@@ -68,7 +68,8 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
             writer.write(record)
         stop_signal = stop.agreed(engine.device)
         if _checkpoint_due(cfg, step, last) or stop_signal:
-            checkpoint.save(engine, cfg.logging.run_dir, step, {"data": train_feed.state_dict()}, cfg.checkpoint.keep)
+            client_state = {"data": train_feed.state_dict(), "layout": reshard.layout(engine, cfg.parallel.ep_size)}
+            checkpoint.save(engine, cfg.logging.run_dir, step, client_state, cfg.checkpoint.keep)
         if stop_signal:
             if rank == 0:
                 signals.after_stop(stop_signal, step, more_steps=step < last)
