@@ -107,6 +107,9 @@ class MetricTask(Task):
     def adapter_root(self, model):
         return model.encoder
 
+    def lr_mults(self):
+        return {"criterion.": self.spec.loss.lr_mult}  # proxies / class weights (a no-op for pair losses)
+
     def build_feeds(self, rank, world):
         s, t = self.spec.sampler, self.cfg.train
         sampler = MetricBatchSampler(self.train_set.labels_N, self.train_set.domains_N, t.micro_batch_size,
