@@ -46,6 +46,7 @@ ROWS = {
     "MoE ViT from scratch (4 experts top-2, every other block)": [
         NO_ADAPTERS, "train.init_from=null", "moe.enabled=true", "moe.num_experts=4", "moe.top_k=2", "moe.every=2"],
 }
+PIXELS = "raw pixels (no model; reference)"
 COMMON = ["checkpoint.every=0", "logging.progress_bar=false", "logging.tensorboard=false"]
 
 
@@ -93,8 +94,9 @@ def summarize(run_dir: str) -> dict:
     return {**last, "trainable": trainable_parameters(run_dir), "step_s": step_time([run_dir])}
 
 
-def per_domain(out: str, seed: str, sets: list, steps: int) -> dict:
-    """8 full fine-tunes of steps/8 steps, one per domain; their test embeddings evaluated together."""
+def per_domain(out: str, seed: str, sets: list, steps: int, report: bool = False):
+    """8 full fine-tunes of steps/8 steps, one per domain; their test embeddings evaluated together
+    (None in report mode unless all 8 finished)."""
     import numpy as np
     import torch
 
@@ -105,6 +107,8 @@ def per_domain(out: str, seed: str, sets: list, steps: int) -> dict:
     from moe_sys.weights import io as weights_io
 
     runs = [os.path.join(out, f"per_domain-{d}-seed{seed}") for d in DOMAINS]
+    if report and not all(os.path.exists(os.path.join(r, "done")) for r in runs):
+        return None
     for domain, run_dir in zip(DOMAINS, runs):
         train("configs/uml_puma.yaml", run_dir, sets + [NO_ADAPTERS, f"train.steps={max(1, steps // len(DOMAINS))}",
                                                         "data.domains=" + json.dumps([{"name": domain}])])
@@ -155,31 +159,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per row (x the config's batch)")
     parser.add_argument("--seeds", default="42,43", help="train.seed values, comma-separated")
     parser.add_argument("--backbone", default="runs/vit_pretrain", help="pre-trained run (made if missing)")
+    parser.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     args = parser.parse_args()
     out, backbone = os.path.abspath(args.out), os.path.abspath(args.backbone)
     if not os.path.exists(os.path.join(backbone, "config.yaml")):
         train("configs/vit_pretrain.yaml", backbone, [])
-    rows = {"raw pixels (no model; reference)": [pixels()]}
-    for seed in args.seeds.split(","):
-        sets = [f"train.init_from={backbone}", f"train.steps={args.steps}", f"train.seed={seed}",
-                f"train.eval_every={args.steps}", f"train.warmup_steps={max(1, args.steps // 10)}"]
-        for i, (name, extra) in enumerate(ROWS.items()):
-            if extra == "per_domain":
-                rows.setdefault(name, []).append(per_domain(out, seed, sets, args.steps))
-                continue
-            run_dir = os.path.join(out, f"row{i}-seed{seed}")
-            train("configs/uml_puma.yaml", run_dir, sets + extra)
-            rows.setdefault(name, []).append(summarize(run_dir))
-        table = render(rows, args)
+    rows = {PIXELS: [pixels()]}
+    # row-major, one model per domain last: when time runs out, the single-model rows have both seeds
+    order = sorted(enumerate(ROWS.items()), key=lambda item: item[1][1] == "per_domain")
+    for i, (name, extra) in order:
+        for seed in args.seeds.split(","):
+            sets = [f"train.init_from={backbone}", f"train.steps={args.steps}", f"train.seed={seed}",
+                    f"train.eval_every={args.steps}", f"train.warmup_steps={max(1, args.steps // 10)}"]
+            result = (per_domain(out, seed, sets, args.steps, args.report) if extra == "per_domain" else
+                      run_row(os.path.join(out, f"row{i}-seed{seed}"), sets + extra, args.report))
+            if result is not None:
+                rows.setdefault(name, []).append(result)
+        table = render({name: rows[name] for name in [PIXELS, *ROWS] if name in rows}, args)
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(table)
     print(table)
 
 
+def run_row(run_dir: str, sets: list, report: bool):
+    """The row's summary (training it first unless ``report``); None for an unfinished run in report mode."""
+    if not report:
+        train("configs/uml_puma.yaml", run_dir, sets)
+    return summarize(run_dir) if os.path.exists(os.path.join(run_dir, "done")) else None
+
+
 def render(rows: dict, args) -> str:
     head = ("| row | unified R@1 | cyrillic R@1 | worst domain R@1 | hmean R@1 | unified MAP@R | trainable params "
-            "| step (s) |")
-    lines = [head, "|" + "---|" * 8]
+            "| step (s) | seeds |")
+    lines = [head, "|" + "---|" * 9]
     for name, runs in rows.items():
         mean = lambda key: statistics.mean(r[key] for r in runs)  # noqa: E731
         r1 = [r["unified/R@1"] for r in runs]
@@ -188,10 +200,9 @@ def render(rows: dict, args) -> str:
         low = min(worst, key=worst.get)
         cells = [f"{statistics.mean(r1):.3f}{spread}", f"{mean('domain/cyrillic/R@1'):.3f}",
                  f"{worst[low]:.3f} ({low})", f"{mean('hmean/R@1'):.3f}", f"{mean('unified/MAP@R'):.3f}",
-                 f"{runs[0]['trainable']:,}", f"{statistics.median(r['step_s'] for r in runs):.2f}".replace("nan", "-")]
+                 f"{runs[0]['trainable']:,}", f"{statistics.median(r['step_s'] for r in runs):.2f}".replace("nan", "-"), str(len(runs))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + (f"\n\n({args.steps} steps x 64 images per row and seed, seeds {args.seeds}; "
-                                f"seeds done: {len(list(rows.values())[-1])})\n")
+    return "\n".join(lines) + f"\n\n({args.steps} steps x 64 images per row and seed, seeds {args.seeds})\n"
 
 
 if __name__ == "__main__":
