@@ -47,6 +47,7 @@ ROWS = {
         NO_ADAPTERS, "train.init_from=null", "moe.enabled=true", "moe.num_experts=4", "moe.top_k=2", "moe.every=2"],
 }
 PIXELS = "raw pixels (no model; reference)"
+UNTRAINED, PRETRAINED = "untrained ViT, random head (no step)", "pre-trained ViT, random head (no step)"
 COMMON = ["checkpoint.every=0", "logging.progress_bar=false", "logging.tensorboard=false"]
 
 
@@ -147,6 +148,29 @@ def pixels() -> dict:
     return {**metrics, "trainable": 0, "step_s": float("nan")}
 
 
+def before_training(backbone: str) -> dict:
+    """The model a row starts from, evaluated before any step: ViT (pre-trained or not), random head."""
+    import numpy as np
+    import torch
+
+    from moe_sys.config import load_config
+    from moe_sys.eval.retrieval import retrieval_metrics
+    from moe_sys.tasks import build_task
+    from moe_sys.tasks.metric import embed_images
+
+    cfg = load_config(os.path.join(REPO, "configs/uml_puma.yaml"), [f"train.init_from={backbone}", NO_ADAPTERS],
+                      world_size=1)
+    torch.manual_seed(cfg.train.seed)
+    task = build_task(cfg)
+    model = task.build_model().eval()
+    model.device = torch.device("cpu")
+    test = task.test_set
+    with torch.no_grad():
+        emb = embed_images(model, test, np.arange(len(test.labels_N)), 256)
+    metrics = retrieval_metrics(emb, torch.from_numpy(test.labels_N), torch.from_numpy(test.domains_N), test.domain_names)
+    return {**metrics, "trainable": 0, "step_s": float("nan")}
+
+
 def _single_domain(images, rows):
     from moe_sys.data.images import ImageSet
 
@@ -162,9 +186,10 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     args = parser.parse_args()
     out, backbone = os.path.abspath(args.out), os.path.abspath(args.backbone)
+    os.makedirs(out, exist_ok=True)
     if not os.path.exists(os.path.join(backbone, "config.yaml")):
         train("configs/vit_pretrain.yaml", backbone, [])
-    rows = {PIXELS: [pixels()]}
+    rows = {PIXELS: [pixels()], UNTRAINED: [before_training("null")], PRETRAINED: [before_training(backbone)]}
     # row-major, one model per domain last: when time runs out, the single-model rows have both seeds
     order = sorted(enumerate(ROWS.items()), key=lambda item: item[1][1] == "per_domain")
     for i, (name, extra) in order:
@@ -175,7 +200,7 @@ def main() -> None:
                       run_row(os.path.join(out, f"row{i}-seed{seed}"), sets + extra, args.report))
             if result is not None:
                 rows.setdefault(name, []).append(result)
-        table = render({name: rows[name] for name in [PIXELS, *ROWS] if name in rows}, args)
+        table = render({name: rows[name] for name in [PIXELS, UNTRAINED, PRETRAINED, *ROWS] if name in rows}, args)
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(table)
     print(table)
