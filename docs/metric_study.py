@@ -5,7 +5,7 @@ every row from the same pre-trained backbone (except MoE from scratch), same bud
 
 1. The backbone is `moe-sys train configs/vit_pretrain.yaml` (trained here into BACKBONE if missing).
 2. Every row is `moe-sys train configs/uml_puma.yaml` with --set overrides, --steps steps of the
-   config's batch (64 images over 2 ranks), once per seed (train.seed: adapter/head init, drop masks;
+   config's batch (64 images per rank x 2 ranks), once per seed (train.seed: adapter/head init, drop masks;
    the glyphs stay the same). "one model per domain" trains 8 models of steps/8 steps each (the same
    total budget) and evaluates their embeddings of the test split together (unified: pooled).
 3. Prints a markdown table (also OUT/results.md): unified R@1, R@1 of cyrillic (dominant) and of the
@@ -227,7 +227,7 @@ def render(rows: dict, args) -> str:
                  f"{worst[low]:.3f} ({low})", f"{mean('hmean/R@1'):.3f}", f"{mean('unified/MAP@R'):.3f}",
                  f"{runs[0]['trainable']:,}", f"{statistics.median(r['step_s'] for r in runs):.2f}".replace("nan", "-"), str(len(runs))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n({args.steps} steps x 64 images per row and seed, seeds {args.seeds})\n"
+    return "\n".join(lines) + f"\n\n({args.steps} steps x 128 images (64 per rank, 2 ranks) per row and seed, seeds {args.seeds})\n"
 
 
 if __name__ == "__main__":
