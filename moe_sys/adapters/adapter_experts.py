@@ -26,6 +26,7 @@ from moe_sys.adapters.bottleneck import BottleneckBank
 from moe_sys.adapters.lora import LoRABank, lora_scale
 from moe_sys.adapters.smear import SmearRouter, example_weights, merge_experts
 from moe_sys.models.transformer import SwiGLU
+from moe_sys.models.vit import MLP
 from moe_sys.moe import dispatcher_a2a
 from moe_sys.moe.layer import spec_from_config
 from moe_sys.moe.routing import ROUTERS, RouterOutput, RoutingContext
@@ -122,10 +123,13 @@ class AdapterMoE(AdapterLayer):
         return self.experts.delta(x_NLD, params_N, PerExample, self.base_layer).view(B, S, D)
 
 
-def _experts(spec, base_layer: SwiGLU) -> nn.Module:
+def _experts(spec, base_layer: nn.Module, d_model: int) -> nn.Module:
     e, E = spec.expert, spec.num_experts
-    if e.kind == "bottleneck":
-        return BottleneckExperts(E, base_layer.down.out_features, e.rank, e.activation, e.scale)
+    if e.kind == "bottleneck":  # beside the FFN: any FFN (the LM's SwiGLU, the ViT's GELU MLP)
+        return BottleneckExperts(E, d_model, e.rank, e.activation, e.scale)
+    if not isinstance(base_layer, SwiGLU):
+        raise TypeError(f"{spec.name}: LoRA experts adapt a SwiGLU's gate/up/down; for a {type(base_layer).__name__} "
+                        "use expert.kind: bottleneck")
     if not all(type(getattr(base_layer, n)) is nn.Linear for n in ("gate", "up", "down")):
         raise TypeError(f"{spec.name}: LoRA experts need the FFN's own nn.Linear layers; adapt them before "
                         "other adapters wrap gate/up/down")
@@ -133,16 +137,17 @@ def _experts(spec, base_layer: SwiGLU) -> nn.Module:
                        lora_scale(e.alpha, e.rank, e.rslora))
 
 
-@register_adapter("mixture", wraps=SwiGLU)
-def build_mixture(base_layer: SwiGLU, spec, site) -> AdapterMoE:
+@register_adapter("mixture", wraps=(SwiGLU, MLP))
+def build_mixture(base_layer: nn.Module, spec, site) -> AdapterMoE:
     routing = spec.routing_config()
     router = ROUTERS[routing.router.type](site.d_model, spec.num_experts, spec.top_k, spec=spec_from_config(routing),
                                           num_tasks=site.num_domains)
-    return AdapterMoE(base_layer, spec.name, _experts(spec, base_layer), router, spec.num_experts, spec.aggregation)
+    experts = _experts(spec, base_layer, site.d_model)
+    return AdapterMoE(base_layer, spec.name, experts, router, spec.num_experts, spec.aggregation)
 
 
-@register_adapter("smear", wraps=SwiGLU)
-def build_smear(base_layer: SwiGLU, spec, site) -> AdapterMoE:
+@register_adapter("smear", wraps=(SwiGLU, MLP))
+def build_smear(base_layer: nn.Module, spec, site) -> AdapterMoE:
     router = SmearRouter(site.d_model, spec.num_experts, spec.expert_dropout, spec.segments)
-    return AdapterMoE(base_layer, spec.name, _experts(spec, base_layer), router, spec.num_experts, spec.aggregation,
-                      spec.segments)
+    experts = _experts(spec, base_layer, site.d_model)
+    return AdapterMoE(base_layer, spec.name, experts, router, spec.num_experts, spec.aggregation, spec.segments)

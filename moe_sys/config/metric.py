@@ -93,6 +93,8 @@ class LossSpec(Section):
     params: Dict[str, Any] = Field(default_factory=dict, description="hyper-parameters of that loss")
     gather: bool = Field(True, description="compute the loss on the batch of every data-parallel rank "
                                            "(negatives from all ranks; docs/metric.md)")
+    lr_mult: float = Field(1.0, gt=0, description="learning-rate multiplier of the loss's own proxies / class "
+                                                   "weights (Proxy-Anchor's code, on which PUMA builds: 100)")
 
     @model_validator(mode="after")
     def _known(self):

@@ -18,6 +18,8 @@ class MetricTaskConfig(Section):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     glyph_seed: int = Field(0, description="seed of the embedded glyph renderer (part of its cache key)")
     eval_batch_size: int = Field(256, gt=0, description="images per forward pass in retrieval evaluation")
+    freeze_encoder: bool = Field(False, description="train only the head and the loss's proxies (a linear probe); "
+                                                    "adapters freeze the encoder anyway")
 
 
 class TaskConfig(Section):

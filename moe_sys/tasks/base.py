@@ -39,6 +39,10 @@ class Task:
         """The part of the model that ``adapters`` targets name modules of (and that gets frozen)."""
         return model
 
+    def lr_mults(self) -> Dict[str, float]:
+        """Parameter-name prefix (in ``build_model``'s model) -> learning-rate multiplier."""
+        return {}
+
     def build_feeds(self, rank: int, world: int) -> Tuple[Any, Callable[[], Iterator[Dict[str, torch.Tensor]]]]:
         """(train stream: an iterator with state_dict/load_state_dict, eval: a fresh pass per call)."""
         raise NotImplementedError

@@ -99,6 +99,7 @@ class MetricTask(Task):
         encoder = build_vit(cfg, num_domains=len(cfg.data.domains))
         if cfg.train.init_from:
             load_encoder_weights(encoder, cfg.train.init_from)
+        encoder.requires_grad_(not self.spec.freeze_encoder)
         p = self.spec.projector
         head = Projector(cfg.model.d_model, p.dim, p.kind, p.hidden)
         criterion = build_loss(self.spec.loss, self.train_set.num_classes, p.dim)
@@ -107,6 +108,9 @@ class MetricTask(Task):
 
     def adapter_root(self, model):
         return model.encoder
+
+    def lr_mults(self):
+        return {"criterion.": self.spec.loss.lr_mult}  # proxies / class weights (a no-op for pair losses)
 
     def build_feeds(self, rank, world):
         s, t = self.spec.sampler, self.cfg.train

@@ -96,7 +96,7 @@ def _build_engine(task: Task, cfg: Config, world: int):
     deepspeed_engine.register_moe_layers(model, groups)
     from moe_sys.train.optim import build_optimizer
 
-    engine, _ = deepspeed_engine.initialize(model, build_optimizer(model, cfg.train), cfg, world)
+    engine, _ = deepspeed_engine.initialize(model, build_optimizer(model, cfg.train, task.lr_mults()), cfg, world)
     return engine
 
 

@@ -1,4 +1,5 @@
 """PUMA's adapters on the ViT: sub-layer stochastic adapters and the prompt pool, against their definitions."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -151,3 +152,21 @@ def test_whole_block_stochastic_adapter_also_wraps_vit_blocks():
         layers[0].bank.up_NRO.normal_()
     model.eval()
     assert (model(x).features_BD - base.eval()(x).features_BD).abs().max() > 1e-3
+
+
+def test_adapter_expert_mixtures_wrap_the_vit_mlp_with_bottleneck_experts():
+    expert = {"kind": "bottleneck", "rank": 4, "activation": "relu", "scale": 0.1}
+    for spec in ({"type": "mixture", "name": "moa", "targets": ["blocks.*.mlp"], "num_experts": 4, "top_k": 2,
+                  "expert": expert},
+                 {"type": "smear", "name": "smear", "targets": ["blocks.*.mlp"], "num_experts": 4, "segments": 1,
+                  "allow_noncausal": True, "expert": expert}):
+        model, base, layers = _model(spec)
+        x = _images()
+        out = model(x)
+        assert len(out.routings) == 2 and torch.equal(out.features_BD, base(x).features_BD)  # zero up: the ViT
+        with torch.no_grad():
+            for layer in layers:
+                layer.experts.bank.up_NRO.normal_()
+        assert (model(x).features_BD - base(x).features_BD).abs().max() > 1e-3
+    with pytest.raises(TypeError, match="use expert.kind: bottleneck"):
+        _model({**spec, "expert": {"kind": "lora"}})
