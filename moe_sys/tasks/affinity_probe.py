@@ -63,6 +63,7 @@ class AffinityProbe:
                                  "lookahead_step": type(optimizer).__name__ if optimizer is not None else "sgd"}
         entry.update({name: value.tolist() for name, value in m.items()})
         entry.update({f"{name}_mean": self.average.mean(name).tolist() for name in self.average.counts})
+        entry["measurements"] = dict(self.average.counts)  # how many the means are over
         return {"affinity": entry}
 
     def shared(self, model: nn.Module) -> List[str]:
