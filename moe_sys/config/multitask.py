@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 
 from moe_sys.config.affinity import AffinitySpec
 from moe_sys.config.section import Seed, Section
@@ -62,25 +62,18 @@ class MultitaskConfig(Section):
                                           "(read when training starts; `baseline` entries win)")
     affinity: AffinitySpec = Field(default_factory=AffinitySpec)
 
-    @model_validator(mode="after")
-    def _known_tasks(self):
-        for t in self.tasks:
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: List[str]) -> List[str]:
+        for t in tasks:
             if t not in TASK_LOSSES:
-                raise ValueError(f"tasks: {t!r} is not a target of the scene data (it provides "
-                                 f"{', '.join(TASK_LOSSES)})")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks: names must be unique, got {self.tasks}")
-        for key in ("decoders", "losses", "weights"):
-            for t in getattr(self, key):
-                if t not in self.tasks:
-                    raise ValueError(f"{key}.{t}: not a task of task.multitask.tasks {self.tasks}")
-        for t, name in self.losses.items():
-            if name not in TASK_LOSSES[t]:
-                raise ValueError(f"losses.{t}: unknown loss {name!r} for {t}; valid: {', '.join(TASK_LOSSES[t])}")
-        return self
+                raise ValueError(f"{t!r} is not a target of the scene data (it provides {', '.join(TASK_LOSSES)})")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"names must be unique, got {tasks}")
+        return tasks
 
     def loss_name(self, task: str) -> str:
-        return self.losses.get(task, TASK_LOSSES[task][0])
+        return self.losses.get(task, TASK_LOSSES[task][0])  # checked by multitask_problems
 
     def decoder_of(self, task: str) -> DecoderSpec:
         return self.decoders.get(task, self.decoder)
@@ -94,6 +87,11 @@ def multitask_problems(cfg) -> List[str]:
     """The multitask task's cross-section rules, one 'key: message' line each."""
     m, v, spec = cfg.model, cfg.model.vit, cfg.task.multitask
     problems = []
+    for key in ("decoders", "losses", "weights"):
+        problems += [f"task.multitask.{key}.{t}: not a task of task.multitask.tasks {spec.tasks}"
+                     for t in getattr(spec, key) if t not in spec.tasks]
+    problems += [f"task.multitask.losses.{t}: unknown loss {name!r} for {t}; valid: {', '.join(TASK_LOSSES[t])}"
+                 for t, name in spec.losses.items() if t in TASK_LOSSES and name not in TASK_LOSSES[t]]
     if m.arch != "vit":
         problems.append(f"model.arch: task.type multitask trains a ViT encoder (model.arch: vit), got {m.arch}")
     if v.in_channels != 1:
