@@ -8,7 +8,8 @@ for SMEAR). Two ways to aggregate:
   params   the SMEAR path: expert parameters merged per example with the routing weights, then one
            forward of the merged adapter (needs a decision that is constant within an example).
 The delta is 0 while the adapters are at their zero init, so the layer starts as the dense FFN
-whatever the router and however much weight it gives.
+whatever the router and however much weight it gives. Mixtures wrap the LM's SwiGLU or the ViT's GELU
+MLP (bottleneck experts only: LoRA experts adapt SwiGLU's gate/up/down).
 
 Legend: B examples, S sequence, T tokens, D model dim, F FFN hidden, R rows, E experts, El local experts.
 """
@@ -26,6 +27,7 @@ from moe_sys.adapters.bottleneck import BottleneckBank
 from moe_sys.adapters.lora import LoRABank, lora_scale
 from moe_sys.adapters.smear import SmearRouter, example_weights, merge_experts
 from moe_sys.models.transformer import SwiGLU
+from moe_sys.models.vit import MLP
 from moe_sys.moe import dispatcher_a2a
 from moe_sys.moe.layer import spec_from_config
 from moe_sys.moe.routing import ROUTERS, RouterOutput, RoutingContext
@@ -125,7 +127,10 @@ class AdapterMoE(AdapterLayer):
 def _experts(spec, base_layer: SwiGLU) -> nn.Module:
     e, E = spec.expert, spec.num_experts
     if e.kind == "bottleneck":
-        return BottleneckExperts(E, base_layer.down.out_features, e.rank, e.activation, e.scale)
+        width = base_layer.fc2.out_features if isinstance(base_layer, MLP) else base_layer.down.out_features
+        return BottleneckExperts(E, width, e.rank, e.activation, e.scale)
+    if isinstance(base_layer, MLP):
+        raise TypeError(f"{spec.name}: LoRA experts adapt a SwiGLU FFN; the ViT's MLP takes expert.kind: bottleneck")
     if not all(type(getattr(base_layer, n)) is nn.Linear for n in ("gate", "up", "down")):
         raise TypeError(f"{spec.name}: LoRA experts need the FFN's own nn.Linear layers; adapt them before "
                         "other adapters wrap gate/up/down")
@@ -133,7 +138,7 @@ def _experts(spec, base_layer: SwiGLU) -> nn.Module:
                        lora_scale(e.alpha, e.rank, e.rslora))
 
 
-@register_adapter("mixture", wraps=SwiGLU)
+@register_adapter("mixture", wraps=(SwiGLU, MLP))
 def build_mixture(base_layer: SwiGLU, spec, site) -> AdapterMoE:
     routing = spec.routing_config()
     router = ROUTERS[routing.router.type](site.d_model, spec.num_experts, spec.top_k, spec=spec_from_config(routing),
