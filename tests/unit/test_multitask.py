@@ -125,3 +125,24 @@ def test_bad_multitask_config_is_one_line(tmp_path, change, needle):
     with pytest.raises((ConfigError, ValueError)) as e:
         MultitaskTask.check_inputs(config(tmp_path, **change))
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_encoder_weights_of_another_image_size_get_resampled_positions(tmp_path):
+    """init_from a 32 px encoder into the 48 px scenes' ViT: every other weight as saved, the class
+    token's position kept, a constant position grid stays constant on the larger grid."""
+    from safetensors.torch import save_file
+
+    from moe_sys.models.vit import build_vit
+    from moe_sys.tasks.metric import load_encoder_weights
+
+    small, large = config(tmp_path), config(tmp_path)
+    large.model.vit.image_size = 48
+    source, target = build_vit(small), build_vit(large)
+    with torch.no_grad():
+        source.embed.pos_embed[:, 1:] = torch.randn(16)  # one value per feature, the same at every patch
+    save_file({f"encoder.{k}": v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    load_encoder_weights(target, str(tmp_path / "w.safetensors"))
+    pos = target.embed.pos_embed
+    assert pos.shape == (1, 37, 16) and torch.equal(pos[:, 0], source.embed.pos_embed[:, 0])
+    assert torch.allclose(pos[:, 1:], source.embed.pos_embed[:, 1:2].expand(1, 36, 16), atol=1e-6)
+    assert torch.equal(target.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
