@@ -20,7 +20,7 @@ import socket
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 if __package__ in (None, ""):  # `python bench/moe_layer.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,16 +71,26 @@ def _deepspeed_moe(D: int, F_: int, E: int, K: int) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import deepspeed
-        from deepspeed.moe.layer import MoE
     if not torch.distributed.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    moe = MoE(D, SwiGLU(D, F_), num_experts=E, ep_size=1, k=K, capacity_factor=1.25, min_capacity=0)
+    moe = deepspeed_moe(D, SwiGLU(D, F_), E, K, ep_size=1, capacity_factor=1.25, min_capacity=0)
     moe.set_deepspeed_parallelism()
     return moe
+
+
+def deepspeed_moe(D: int, expert: nn.Module, E: int, K: int, ep_size: int, capacity_factor: Optional[float],
+                  min_capacity: int, **options) -> nn.Module:
+    """deepspeed.moe.layer.MoE around ``expert`` (copied once per local expert); capacity_factor None
+    = DeepSpeed's drop_tokens=False (capacity = the busiest expert's count, max over the EP group)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from deepspeed.moe.layer import MoE
+    return MoE(D, expert, num_experts=E, ep_size=ep_size, k=K, capacity_factor=capacity_factor or 1.0,
+               min_capacity=min_capacity, drop_tokens=capacity_factor is not None, **options)
 
 
 class DenseFloor(nn.Module):

@@ -42,7 +42,7 @@ from moe_sys.data import glyphs
 from moe_sys.data.corpus import default_cache_root
 from moe_sys.data.indexed import file_lock
 
-SCENE_VERSION = 1
+SCENE_VERSION = 2  # 2: glyphs drawn domain-uniform (1 followed the glyph set's imbalance)
 COVER = 128  # a glyph covers a pixel where its rendering is at least this bright
 
 
@@ -135,11 +135,15 @@ def compose(background_HW: np.ndarray, placed: Sequence[Glyph], colours: Sequenc
 
 def random_scene(source: glyphs.GlyphSet, size: int, max_glyphs: int, gen: torch.Generator
                  ) -> Tuple[np.ndarray, List[Glyph], List[float]]:
-    """A smooth background, 1..max_glyphs glyphs drawn from ``source`` at random places, their greys."""
+    """A smooth background, 1..max_glyphs glyphs at random places, their greys. Each glyph's domain is
+    uniform over the domains, then its image uniform within the domain: the glyph set is imbalanced on
+    purpose (the metric task's dominant domain), and S and G would otherwise learn only that domain."""
     noise = torch.rand(1, 1, 4, 4, generator=gen) * 0.5
     background_HW = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=True)[0, 0].clamp(0, 1)
     count = int(torch.randint(1, max_glyphs + 1, (1,), generator=gen))
-    picks = torch.randint(len(source.classes_N), (count,), generator=gen).tolist()
+    members = [np.flatnonzero(source.domains_N == d) for d in np.unique(source.domains_N)]
+    domain_K = torch.randint(len(members), (count,), generator=gen).tolist()
+    picks = [int(members[d][int(torch.randint(len(members[d]), (1,), generator=gen))]) for d in domain_K]
     span = size - glyphs.SIZE + 1
     corners = torch.randint(span, (count, 2), generator=gen).tolist()
     placed = [Glyph(source.images_NHW[i], top, left, int(source.domains_N[i]), int(source.classes_N[i]))

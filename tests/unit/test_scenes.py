@@ -109,3 +109,16 @@ def test_height_on_bounding_boxes_equals_the_whole_canvas_transform():
         d = scenes.squared_distance((instances != i)[None])[0].sqrt() - 0.5
         whole += d.clamp(max=CLIP) * (instances == i) / CLIP
     assert torch.equal(scenes.height_field(instances, CLIP), whole)
+
+
+def test_scene_glyph_domains_are_uniform_over_an_imbalanced_glyph_set():
+    """90% of the glyphs are domain 0, yet each domain fills a third of the scenes' glyphs."""
+    from moe_sys.data.glyphs import GlyphSet
+
+    domains_N = np.array([0] * 90 + [1] * 5 + [2] * 5)
+    source = GlyphSet(np.zeros((100, 32, 32), np.uint8), np.arange(100), domains_N, ["a", "b", "c"])
+    gen = torch.Generator().manual_seed(0)
+    drawn = [g.domain for _ in range(600) for g in scenes.random_scene(source, 40, 3, gen)[1]]
+    share = np.bincount(drawn, minlength=3) / len(drawn)
+    assert np.abs(share - 1 / 3).max() < 0.05, share
+    assert all(domains_N[g.cls] == g.domain for g in scenes.random_scene(source, 40, 3, gen)[1])
