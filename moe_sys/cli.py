@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw PNGs of a run's expert load, domain x expert usage and losses")
     p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
+    tasks = sub.add_parser("tasks", help="multitask runs: group tasks by the affinity a run measured")
+    p = tasks.add_subparsers(dest="tasks_command", required=True).add_parser(
+        "group", help="TAG's task grouping on a run's mean lookahead affinity; writes one config per group")
+    p.add_argument("run_dir", help="a multitask run directory (config.yaml + metrics.jsonl with affinity records)")
+    p.add_argument("--groups", type=int, required=True, metavar="K", help="at most K groups (1 <= K <= tasks)")
+    p.add_argument("--out", help="where the group configs go (default: RUN_DIR/groups)")
     p = sub.add_parser("sweep", help="run a grid of configs, then write results.csv, results.md and plots")
     p.add_argument("spec", help="sweep file, e.g. configs/sweeps/tiny_grid.yaml")
     mode = p.add_mutually_exclusive_group()
@@ -284,6 +290,13 @@ def _checkpoint(args) -> int:
     return 0
 
 
+def _tasks(args) -> int:
+    from moe_sys.analysis.task_groups import group_run
+
+    print("\n".join(group_run(args.run_dir, args.groups, args.out)))
+    return 0
+
+
 def _plan(args) -> int:
     from moe_sys.plan.report import run
 
@@ -302,10 +315,10 @@ def _embed(args) -> int:
 
 
 # Commands that read files the user names: their ValueError / OSError is a one-line refusal of that input.
-FILE_COMMANDS = ("merge", "convert", "generate", "plot", "plan", "embed", "checkpoint")
+FILE_COMMANDS = ("merge", "convert", "generate", "plot", "plan", "embed", "checkpoint", "tasks")
 COMMANDS = {"train": _train, "config": _config, "prepare-data": _prepare_data, "doctor": _doctor, "plot": _plot,
             "sweep": _sweep, "merge": _merge, "convert": _convert, "generate": _generate, "plan": _plan,
-            "embed": _embed, "checkpoint": _checkpoint}
+            "embed": _embed, "checkpoint": _checkpoint, "tasks": _tasks}
 
 if __name__ == "__main__":
     sys.exit(main())

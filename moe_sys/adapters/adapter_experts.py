@@ -8,7 +8,8 @@ for SMEAR). Two ways to aggregate:
   params   the SMEAR path: expert parameters merged per example with the routing weights, then one
            forward of the merged adapter (needs a decision that is constant within an example).
 The delta is 0 while the adapters are at their zero init, so the layer starts as the dense FFN
-whatever the router and however much weight it gives.
+whatever the router and however much weight it gives. Mixtures wrap the LM's SwiGLU or the ViT's GELU
+MLP (bottleneck experts only: LoRA experts adapt SwiGLU's gate/up/down).
 
 Legend: B examples, S sequence, T tokens, D model dim, F FFN hidden, R rows, E experts, El local experts.
 """

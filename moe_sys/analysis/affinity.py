@@ -3,21 +3,26 @@
 training, and TAG's search for task groups.
 
 Both affinities look only at the shared parameters theta_s (named by the caller) on one batch:
-  lookahead  Z[i, j] = 1 - L_j(theta_s - lr * d_i) / L_j(theta_s): how much one step on task i's loss
-             lowers task j's loss. d_i = g_i = grad_theta_s L_i (plain SGD), or the step torch.optim.SGD
-             would take from its state (momentum, dampening, Nesterov, weight decay), as TAG's code
-             looks ahead with its momentum optimizer. TAG's code also divides Z by lr; we do not.
+  lookahead  Z[i, j] = 1 - L_j(theta_s') / L_j(theta_s): how much one step on task i's loss lowers task
+             j's loss. theta_s' = theta_s - lr * g_i, g_i = grad_theta_s L_i (plain SGD), or the step the
+             training optimizer (any torch.optim.Optimizer: SGD with momentum, Adam, AdamW...) would take
+             on g_i from its state, taken by a twin of it on copies of theta_s and of its state, at the
+             learning rate lr; TAG's code looks ahead the same way with its momentum optimizer. TAG's
+             code also divides Z by lr; we do not.
   cosine     C[i, j] = <g_i, g_j> / (|g_i| |g_j|) over all shared parameters.
 Measuring leaves no trace: parameters are swapped in and back (the original tensors), buffers (batch-norm
 statistics) are restored, ``.grad`` is never written (torch.autograd.grad), the optimizer is only read,
 and every forward replays the caller's RNG state, which is restored at the end (dropout draws the same
 masks before and after the lookahead, and training continues as if nothing had been measured).
+Data parallelism: ``average`` (a mean over the ranks) turns the per-task losses and gradients into
+those of the global batch, so every rank measures the same matrices.
 
 Legend: N tasks, C candidate groups (the 2^N - 1 non-empty subsets).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -40,26 +45,37 @@ def shared_parameters(model: nn.Module, names: Sequence[str]) -> List[nn.Paramet
 
 
 def measure_affinity(model: nn.Module, shared: Sequence[str], losses_fn: LossesFn, batch: Any,
-                     lr: Optional[float] = None, optimizer: Optional[torch.optim.Optimizer] = None
-                     ) -> Dict[str, torch.Tensor]:
-    """{"cosine": C [N, N]} and, when ``lr`` is given, {"lookahead": Z [N, N]}: one forward, N backwards
-    and N lookahead forwards (what a trainer calls every few steps)."""
+                     lr: Optional[float] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+                     average: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """{"cosine": C [N, N], "losses": the N losses [N]} and, when ``lr`` is given, {"lookahead": Z [N, N]}:
+    one forward, N backwards and N lookahead forwards (what a trainer calls every few steps).
+    ``average``: a mean over data-parallel ranks applied to every loss and gradient (None: this process)."""
     params = shared_parameters(model, shared)
+    average = average or (lambda t: t)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         replay = _rng_replayer(devices)
         losses_N = losses_fn(batch)
         grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses_N]
-        grads = [[torch.zeros_like(p) if g is None else g for p, g in zip(params, task)] for task in grads]
-        out = {"cosine": _cosine(grads)}
+        grads = _averaged([[torch.zeros_like(p) if g is None else g for p, g in zip(params, task)] for task in grads],
+                          average)
+        base_N = average(losses_N.detach())
+        out = {"cosine": _cosine(grads), "losses": base_N}
         if lr is not None:
-            out["lookahead"] = _lookahead_rows(params, grads, losses_fn, batch, losses_N.detach(), lr, optimizer,
-                                               replay)
+            out["lookahead"] = _lookahead_rows(params, grads, lambda b: average(losses_fn(b).detach()), batch, base_N,
+                                               lr, optimizer, replay)
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
     return out
+
+
+def _averaged(grads: List[List[torch.Tensor]], average) -> List[List[torch.Tensor]]:
+    """Every task's gradients through ``average`` in one call (one all-reduce of [N, P] under DP)."""
+    flat_NP = average(torch.stack([torch.cat([g.reshape(-1) for g in task]) for task in grads]))
+    sizes = [g.numel() for g in grads[0]]
+    return [[g.view_as(p) for g, p in zip(row.split(sizes), grads[0])] for row in flat_NP]
 
 
 def lookahead_affinity(model, shared, losses_fn: LossesFn, batch, lr: float, optimizer=None) -> torch.Tensor:
@@ -78,7 +94,7 @@ def _lookahead_rows(params, grads, losses_fn, batch, base_N, lr, optimizer, repl
     for grads_i in grads:
         replay()
         with _swapped(params, _lookahead(params, grads_i, lr, optimizer)):
-            rows.append(1 - losses_fn(batch).detach() / base_N)
+            rows.append(1 - losses_fn(batch) / base_N)
     return torch.stack(rows)
 
 
@@ -113,30 +129,30 @@ def _swapped(params: List[nn.Parameter], values: List[torch.Tensor]):
 
 
 def _lookahead(params, grads, lr: float, optimizer) -> List[torch.Tensor]:
-    """theta - lr * d per parameter: d = g, or torch.optim.SGD's step from its state (read, not changed)."""
+    """theta - lr * g per parameter, or ``optimizer``'s own step on g (read, not changed)."""
     if optimizer is None:
         return [p - lr * g for p, g in zip(params, grads)]
-    if not isinstance(optimizer, torch.optim.SGD):
-        raise ValueError(f"the lookahead follows torch.optim.SGD's update only, not {type(optimizer).__name__}")
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    out = []
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"the lookahead follows a torch.optim.Optimizer's step, not {type(optimizer).__name__}")
+    return _twin_step(params, grads, lr, optimizer)
+
+
+@torch.no_grad()
+def _twin_step(params, grads, lr: float, optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
+    """The parameters after one step of ``optimizer``'s class on copies of them and of their state, with
+    ``optimizer``'s settings at learning rate ``lr``: exactly its own update (its own code), while
+    ``optimizer`` and the parameters stay untouched. A parameter it does not hold stays where it is."""
+    copies = {id(p): p.detach().clone() for p in params}
+    groups = [{**group, "lr": lr, "params": [copies[id(p)] for p in group["params"] if id(p) in copies]}
+              for group in optimizer.param_groups]
+    twin = type(optimizer)([g for g in groups if g["params"]])
     for p, g in zip(params, grads):
-        group = group_of.get(id(p))
-        out.append(p - lr * (g if group is None else _sgd_direction(p, g, group, optimizer.state.get(p, {}))))
-    return out
-
-
-def _sgd_direction(p, g, group, state) -> torch.Tensor:
-    """The direction torch.optim.SGD steps along (its ``_single_tensor_sgd``), without storing the buffer."""
-    if group.get("maximize"):
-        g = -g
-    d = g + group["weight_decay"] * p if group["weight_decay"] else g
-    mu = group["momentum"]
-    if not mu:
-        return d
-    buf = state.get("momentum_buffer")
-    buf = d if buf is None else mu * buf + (1 - group["dampening"]) * d
-    return d + mu * buf if group["nesterov"] else buf
+        twin_p = copies[id(p)]
+        twin_p.grad = g.clone()
+        if p in optimizer.state:
+            twin.state[twin_p] = copy.deepcopy(optimizer.state[p])
+    twin.step()
+    return [copies[id(p)] for p in params]
 
 
 class AffinityAverage:

@@ -7,6 +7,8 @@
   losses.png        LM and validation loss; balancing and z losses
   retrieval.png     metric runs: retrieval metrics over steps, unified and per domain
   neighbours.png    metric runs: queries and their top-5 neighbours at the last evaluation
+  affinity.png      multitask runs with affinity.every: lookahead and gradient-cosine task affinity
+                    (latest running means)
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from moe_sys.analysis.affinity_plot import affinity_heatmaps  # noqa: E402
 from moe_sys.analysis.retrieval_plot import neighbours, retrieval_curves  # noqa: E402
 
 
@@ -77,7 +80,8 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for name, draw in (("expert_load", expert_load), ("domain_usage", domain_usage), ("balance", balance),
-                       ("losses", losses), ("retrieval", retrieval_curves), ("neighbours", neighbours)):
+                       ("losses", losses), ("retrieval", retrieval_curves), ("neighbours", neighbours),
+                       ("affinity", affinity_heatmaps)):
         try:
             fig = draw(records, run_dir)
         except (KeyError, TypeError, ValueError, IndexError) as e:  # records of another shape than we log

@@ -12,6 +12,7 @@ in checkpoints (DeepSpeed: in mp_rank_00_model_states.pt) and survives a bf16 mo
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
@@ -138,3 +139,16 @@ def step(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Balancer):
             module.step()
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module):
+    """Training forwards inside (a measurement, such as the affinity probe's) leave every router's
+    per-step counts as they were, so the bias update and the global counts see only the real step."""
+    balancers = [m for m in model.modules() if isinstance(m, Balancer)]
+    saved = [(b.step_counts_E, b.global_sum_E, b.micro_batches) for b in balancers]
+    try:
+        yield
+    finally:  # the accumulators are replaced, never changed in place: the saved tensors are intact
+        for b, (counts_E, global_E, micro) in zip(balancers, saved):
+            b.step_counts_E, b.global_sum_E, b.micro_batches = counts_E, global_E, micro

@@ -62,3 +62,15 @@ class Task:
     def evaluate(self, model, batches: Iterator[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
         """Record entries of one evaluation, identical on every rank (all ranks call it)."""
         raise NotImplementedError
+
+    def probe(self, engine, batch: Dict[str, torch.Tensor], step: int) -> Dict[str, Any]:
+        """Extra record entries measured on the step's first micro-batch before its update (all ranks call
+        it; it must leave parameters, optimizer state and RNG as it found them); default: none."""
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What the task keeps outside the model that a resumed run needs (saved in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s state."""

@@ -27,6 +27,7 @@ from moe_sys.eval.dense import LOWER_IS_BETTER, PRIMARY, DenseMeter, delta_m
 from moe_sys.models.dense_heads import DenseDecoder, GlobalHead
 from moe_sys.models.vit import build_vit
 from moe_sys.moe.routing import RouterOutput
+from moe_sys.tasks.affinity_probe import AffinityProbe
 from moe_sys.tasks.base import Task
 from moe_sys.tasks.metric import load_encoder_weights
 from moe_sys.tasks.multitask_losses import LOSSES, uncertainty_weighted
@@ -133,6 +134,8 @@ class MultitaskTask(Task):
         self.tasks = list(self.spec.tasks)
         self.train_set, self.test_set = load_splits(cfg)
         self.baseline = baseline_metrics(self.spec)
+        self.affinity = AffinityProbe(self.spec.affinity, self.tasks, lambda model, batch: self.per_task_losses(
+            self.forward(model, batch), batch), self.shared_parameter_names)
 
     @classmethod
     def check_inputs(cls, cfg) -> None:
@@ -172,6 +175,17 @@ class MultitaskTask(Task):
         shares: the encoder's and its adapters', not the decoders' or the uncertainty weights."""
         encoder = {id(p) for p in self.model.encoder.parameters()}
         return [n for n, p in model.named_parameters() if p.requires_grad and id(p) in encoder]
+
+    def probe(self, engine, batch, step):
+        """Every ``affinity.every`` steps: TAG lookahead and gradient-cosine affinity (tasks/affinity_probe.py)."""
+        return self.affinity(engine, batch, step)
+
+    def state_dict(self):
+        return {"affinity": self.affinity.state_dict()}
+
+    def load_state_dict(self, state):
+        if "affinity" in state:
+            self.affinity.load_state_dict(state["affinity"])
 
     def build_feeds(self, rank, world):
         stream = SceneStream(self.train_set, self.tasks, self.spec.mode == "mixed", self.cfg.train.micro_batch_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -51,24 +51,26 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
         deepspeed_engine.reapply_settings(engine, settings, cfg.train.grad_clip)
         start = state["step"]
         train_feed.load_state_dict(state["data"])
+        task.load_state_dict(state.get("task", {}))
     writer = MetricsWriter(cfg.logging.run_dir, cfg.logging.tensorboard, start if resume else None) if rank == 0 else None
     progress = Progress(cfg.train.steps, start, enabled=rank == 0 and cfg.logging.progress_bar,
                         throughput=(task.throughput_key, task.throughput_label), eval_keys=task.progress_keys)
     history = []
     last = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     for step in range(start + 1, last + 1):
-        record = train_step(task, engine, train_feed, cfg)
-        record["step"] = step
+        record, measured = train_step(task, engine, train_feed, cfg, step)
+        record.update(step=step, **measured)
         evaluated = step % cfg.train.eval_every == 0 or step == cfg.train.steps
         if evaluated:
             record.update(evaluate(task, engine, valid_batches()))
         progress.update(record)
         history.append(record)
-        if writer and (step % cfg.logging.log_every == 0 or evaluated or step == start + 1):
+        if writer and (step % cfg.logging.log_every == 0 or evaluated or step == start + 1 or measured):
             writer.write(record)
         stop_signal = stop.agreed(engine.device)
         if _checkpoint_due(cfg, step, last) or stop_signal:
-            client_state = {"data": train_feed.state_dict(), "layout": reshard.layout(engine, cfg.parallel.ep_size)}
+            client_state = {"data": train_feed.state_dict(), "task": task.state_dict(),
+                            "layout": reshard.layout(engine, cfg.parallel.ep_size)}
             checkpoint.save(engine, cfg.logging.run_dir, step, client_state, cfg.checkpoint.keep)
         if stop_signal:
             if rank == 0:
@@ -104,14 +106,17 @@ def _has_adapters(cfg: Config) -> bool:
     return bool(cfg.adapters.modules or cfg.adapters.load_from)
 
 
-def train_step(task: Task, engine, feed, cfg: Config) -> Dict:
-    """One optimizer step over grad_accum_steps micro-batches; returns globally averaged metrics."""
+def train_step(task: Task, engine, feed, cfg: Config, step: int) -> Tuple[Dict, Dict]:
+    """One optimizer step over grad_accum_steps micro-batches; returns (globally averaged metrics, what
+    the task's probe measured on the first micro-batch before the update)."""
     start = time.perf_counter()
     sums: Dict[str, torch.Tensor] = {}
     routing_stats = observe.StepStats(len(task.domain_names()))
-    units = 0
-    for _ in range(cfg.train.grad_accum_steps):
+    units, measured = 0, {}
+    for micro in range(cfg.train.grad_accum_steps):
         batch = to_device(next(feed), engine.device)
+        if micro == 0:
+            measured = task.probe(engine, batch, step)
         out = task.forward(engine, batch)
         loss, parts = task.loss(out, batch)
         route_losses = observe.router_losses(out.routings)  # name -> summed over layers, already weighted
@@ -132,7 +137,7 @@ def train_step(task: Task, engine, feed, cfg: Config) -> Dict:
         "router_losses": record, "lr": engine.get_lr()[0],
         task.throughput_key: units * dist.get_world_size() / elapsed, "step_time_s": elapsed,
         **(routing_stats.summary(global_sum) if routing_stats.sums else {}),
-    }
+    }, measured
 
 
 def _accumulate(sums: Dict[str, torch.Tensor], **values: torch.Tensor) -> None:

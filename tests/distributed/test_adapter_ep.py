@@ -1,4 +1,5 @@
-"""Adapter experts, SMEAR and adapter saving at EP=2 (two real gloo ranks) against EP=1; DeepSpeed ZeRO 1/2.
+"""Adapter experts (in the LM and, task-routed, in the ViT), SMEAR and adapter saving at EP=2 (two real gloo
+ranks) against EP=1; DeepSpeed ZeRO 1/2.
 
 One spawn runs every case: process start-up dominates.
 """
@@ -231,11 +232,68 @@ def _resume_cases(engine, cfg, tmp, rank):
     return out
 
 
+VIT_SPEC = {"type": "mixture", "name": "tx", "targets": ["blocks.1.mlp"], "num_experts": E, "top_k": 2,
+            "router": {"type": "task"}, "expert": {"kind": "bottleneck", "rank": 5},
+            "balance": {"losses": [{"type": "mi", "coef": 0.5}, {"type": "switch", "coef": 0.5}]}}
+# ViT of D 16, two blocks over 17 tokens (16 patches + class token), MLP 24, bottleneck 5, over both ranks' 3 images.
+VIT_REDUCTION = D + 24 + 5 + E + 2 * 3 * 17
+
+
+def _vit_task_experts(rank, world):
+    """Task-routed bottleneck experts beside a ViT block's MLP at EP=2 equal EP=1, each image routed by its
+    task id (the multitask task's domain_ids): features, the MI and switch losses, every gradient."""
+    from moe_sys.adapters import inject
+    from moe_sys.config.adapters import AdaptersConfig
+    from moe_sys.config.schema import Config
+    from moe_sys.models.vit import ViT
+    from moe_sys.parallel.experts import is_expert_parallel, shard_and_mark
+    from moe_sys.parallel.groups import create_expert_groups
+    from tests.unit.test_adapters import randomize
+
+    cfg = Config.model_validate({"model": {"arch": "vit", "d_model": D, "n_layers": 2, "n_heads": 2, "d_ff": 24,
+                                           "vit": {"image_size": 16, "patch_size": 4, "in_channels": 1}},
+                                 "moe": {"enabled": False}})
+    torch.manual_seed(seed(0))
+    full = ViT(cfg.model, cfg.moe, num_domains=3)
+    inject.inject(full, AdaptersConfig.model_validate({"modules": [VIT_SPEC]}), ["S", "D", "N"])
+    randomize(full, std=0.3, seed=seed(3))
+    ep = copy.deepcopy(full)
+    for layer in inject.adapter_layers(ep):
+        if is_expert_parallel(layer):
+            shard_and_mark(layer, create_expert_groups(world))
+
+    def run(model, r):
+        g = torch.Generator().manual_seed(seed(200 + r))
+        x, w = torch.randn(3, 1, 16, 16, generator=g).requires_grad_(), torch.randn(3, D, generator=g)
+        out = model(x, torch.tensor([0, 1, 1]).roll(r))
+        aux = sum(v for o in out.routings for v in o.losses.values())
+        ((out.features_BD * w).sum() + aux).backward()
+        return out.features_BD.detach(), aux.detach(), x.grad
+
+    got = run(ep, rank)
+    ref = [run(full, r) for r in range(world)][rank]  # EP=1: every rank's images through the full bank
+    errs = {"features": _rel(got[0], ref[0]), "aux_losses": _rel(got[1], ref[1]), "image_grad": _rel(got[2], ref[2])}
+    full_params = dict(full.named_parameters())
+    local = slice(rank * E // world, (rank + 1) * E // world)
+    for name, p in ep.named_parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "allreduce", True) is False:
+            errs[name] = _rel(p.grad, full_params[name].grad[local])
+        else:  # replicated (the task embedding and gate): gradients sum over ranks
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            errs[name] = _rel(grad, full_params[name].grad)
+    assert any(getattr(p, "allreduce", True) is False for p in ep.parameters())
+    return errs
+
+
 def _all_cases(rank, world, tmp):
     out = {}
     for name, spec in LAYER_CASES.items():
         out[name], out[name + FLOOR] = _compare_layer(rank, world, spec)
     out["model"] = _model_cases(rank, world, os.path.join(tmp, "model"))
+    out["vit-task-experts"] = _vit_task_experts(rank, world)
     for stage in (1, 2):
         out[f"zero{stage}"], out[f"resume_zero{stage}"] = _zero_cases(rank, world, os.path.join(tmp, f"zero{stage}"), stage)
     return out
@@ -251,6 +309,7 @@ def test_adapter_experts_smear_and_saving_at_ep2(tmp_path):
                 continue
             moved = errs.pop("adapters_moved", 1.0)
             assert moved > 0, f"{case}: the optimizer step left the adapters unchanged"
-            reduction, floors = (LAYER_REDUCTION if case in LAYER_CASES else MODEL_REDUCTION), rank_results.get(case + FLOOR, {})
+            reduction = LAYER_REDUCTION if case in LAYER_CASES else VIT_REDUCTION if case == "vit-task-experts" else MODEL_REDUCTION
+            floors = rank_results.get(case + FLOOR, {})
             for key, err in errs.items():
                 assert err < bound(torch.float32, reduction, floors.get(key, 0.0)), (case, key, errs, floors)
