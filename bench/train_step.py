@@ -35,9 +35,15 @@ from bench import common
 from bench.moe_layer import deepspeed_moe
 
 WORLD, EP = 2, 2
-SETS = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.d_ff=512", "model.max_seq_len=256",
-        "data.seq_len=256", "train.micro_batch_size=8", "moe.num_experts=8", f"parallel.ep_size={EP}",
-        "moe.balance.losses=[{type: switch, coef: 0.01}]"]
+
+
+def model_sets(experts: int, width: int) -> List[str]:
+    """The benchmarked model: 8 experts of width 512 by default; many narrow (fine-grained) experts by flag."""
+    return ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", f"model.d_ff={width}",
+            "model.max_seq_len=256", "data.seq_len=256", "train.micro_batch_size=8", f"moe.num_experts={experts}",
+            f"parallel.ep_size={EP}", "moe.balance.losses=[{type: switch, coef: 0.01}]"]
+
+
 OURS, DEEPSPEED = "moe_sys", "deepspeed MoE"
 
 
@@ -121,8 +127,8 @@ def train_step(name: str, engine, tokens_BS: torch.Tensor, aux_coef: float):
     return run
 
 
-def rank_main(rank: int, world: int, top_k: int, capacity_factor: Optional[float], reps: int, warmup: int,
-              profile: bool) -> Dict:
+def rank_main(rank: int, world: int, sets: List[str], top_k: int, capacity_factor: Optional[float], reps: int,
+              warmup: int, profile: bool) -> Dict:
     """Per rank: both engines, the step-1 losses, then interleaved timed steps (and a profile)."""
     from moe_sys import ops
     from moe_sys.config import load_config
@@ -131,7 +137,7 @@ def rank_main(rank: int, world: int, top_k: int, capacity_factor: Optional[float
     common.set_malloc("warm")
     ops.set_impl("kernel")
     cf = "null" if capacity_factor is None else capacity_factor
-    cfg = load_config(None, SETS + [f"moe.top_k={top_k}", f"moe.capacity_factor={cf}"], world_size=world)
+    cfg = load_config(None, sets + [f"moe.top_k={top_k}", f"moe.capacity_factor={cf}"], world_size=world)
     built = engines(cfg, rank)
     tokens_BS = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len),
                               generator=torch.Generator().manual_seed(100 + rank))
@@ -157,10 +163,11 @@ def profile_table(run, steps: int = 3) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
 
 
-def measure(top_k: int, capacity_factor: Optional[float], reps: int, warmup: int, profile: bool) -> Dict:
+def measure(sets: List[str], top_k: int, capacity_factor: Optional[float], reps: int, warmup: int, profile: bool
+            ) -> Dict:
     from tests.distributed.spawn import run_ranks  # real gloo ranks, as the distributed tests spawn them
 
-    return run_ranks(rank_main, WORLD, top_k, capacity_factor, reps, warmup, profile)[0]
+    return run_ranks(rank_main, WORLD, sets, top_k, capacity_factor, reps, warmup, profile)[0]
 
 
 def row(top_k: int, capacity_factor: Optional[float], result: Dict) -> List:
@@ -185,26 +192,30 @@ def main(argv=None) -> None:
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     parser.add_argument("--capacity", nargs="+", default=["1.25", "none"],
                         help="capacity factors; 'none' = dropless (default: 1.25 none)")
+    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (even: EP=2)")
+    parser.add_argument("--expert-width", type=int, default=512, help="each expert's SwiGLU hidden width")
     parser.add_argument("--profile", action="store_true", help="print rank 0's top ops of 3 steps per contender")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
     capacities = [None if c == "none" else float(c) for c in args.capacity]
+    sets = model_sets(args.experts, args.expert_width)
     load_start = os.getloadavg()[0]
     rows = []
     for top_k in args.top_k:
         for cf in capacities:
-            result = measure(top_k, cf, args.reps, args.warmup, args.profile)
+            result = measure(sets, top_k, cf, args.reps, args.warmup, args.profile)
             rows.append(row(top_k, cf, result))
             print(common.table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
             for name, text in result.get("profile", {}).items():
                 print(f"--- {name}, K={top_k}, capacity {cf}\n{text}", flush=True)
-    body = (f"Load average {load_start:.1f} at the start. Model: {' '.join(SETS)}; "
+    body = (f"Load average {load_start:.1f} at the start. Model: {' '.join(sets)}; "
             f"{WORLD} ranks x {_threads_per_rank()} thread(s); "
             f"{args.reps} timed steps per contender after {args.warmup} warm-up steps.\n\n"
             + common.table(HEADERS, rows))
     print(body)
     if not args.no_write:
-        common.write_section("train-step", "bench.train_step", body)
+        default = (args.experts, args.expert_width) == (8, 512)
+        common.write_section("train-step" if default else f"train-step-e{args.experts}", "bench.train_step", body)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ class FakeEngine:
             raise KeyboardInterrupt("killed while writing")
         torch.save({}, os.path.join(root, tag, f"zero_pp_rank_{rank}_optim_states.pt"))
 
-    def load_checkpoint(self, root, tag):
+    def train_batch_size(self):
+        return 8
+
+    def load_checkpoint(self, root, tag, load_optimizer_states=True):
         return os.path.join(root, tag), torch.load(os.path.join(root, tag, "mp_rank_00_model_states.pt"))
 
 
