@@ -12,7 +12,6 @@ Legend: B scenes per rank, H = W image pixels, T tasks, N scenes.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -270,15 +269,15 @@ def baseline_metrics(spec) -> Optional[Dict[str, float]]:
 
 def last_evaluation(run_dir: str) -> Dict[str, float]:
     """The dense metrics of the last evaluation in RUN_DIR/metrics.jsonl."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise ValueError(f"task.multitask.baseline_runs: no metrics.jsonl in {run_dir!r}")
-    found: Dict[str, float] = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line) if line.strip() else {}
-            metrics = {k: v for k, v in record.items() if k in LOWER_IS_BETTER}
-            found = metrics or found
+    from moe_sys.analysis.plot import read_records
+
+    try:
+        records = read_records(run_dir)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"task.multitask.baseline_runs: {e}") from None
+    evaluations = [{k: v for k, v in r.items() if k in LOWER_IS_BETTER} for r in records]
+    found = next((m for m in reversed(evaluations) if m), {})
     if not found:
+        path = os.path.join(run_dir, "metrics.jsonl")
         raise ValueError(f"task.multitask.baseline_runs: {path} holds no multitask evaluation")
     return found
