@@ -2,9 +2,10 @@
 after the switch equal an uninterrupted run at the new size, and every expert's Adam moments land on
 the rank and slot that now holds that expert.
 
-EP=2 -> 1 on 2 ranks with ZeRO-1 (resharded by ``--resume``), and 2 ranks EP=2 -> 1 rank EP=1 with
-ZeRO-0 (resharded offline by ``moe-sys checkpoint reshard``, its CLI entry called in this process),
-both against one uninterrupted EP=1 run on 2 ranks. The balancing losses are only the z-loss (a mean
+EP=2 -> 1 on 2 ranks with ZeRO-1 (resharded by ``--resume``), 1 rank EP=1 -> 2 ranks EP=2 with ZeRO-1
+(the world grows; by ``--resume``), and 2 ranks EP=2 -> 1 rank EP=1 with ZeRO-0 (resharded offline by
+``moe-sys checkpoint reshard``, its CLI entry called in this process), all against one uninterrupted
+EP=1 run on 2 ranks. The balancing losses are only the z-loss (a mean
 over tokens) and the aux-free bias (global counts): both are the same whether a global batch is cut
 into 1 x 4 or 2 x 2 sequences, so runs at different world sizes can be compared.
 """
@@ -101,7 +102,13 @@ def _two_ranks(rank, world, tmp):
     out["moments_equal"] = {n: all(torch.equal(a, b) for a, b in zip(saved[n], resharded[n])) for n in saved}
     # the first half of EP=2 on 2 ranks -> EP=1 on 1 rank, ZeRO-0 (continued by _one_rank)
     out["to_one_rank"] = _train(_cfg(tmp, world, "to_one_rank", 2, 0, f"train.stop_after={SWITCH}"))
+    # the first half of _grow_from_one_rank's 1-rank EP=1 run, continued on 2 ranks at EP=2
+    out["grow"] = _train(_cfg(tmp, world, "grow", 2, 1), resume="auto")
     return out
+
+
+def _grow_from_one_rank(rank, world, tmp):
+    return _train(_cfg(tmp, world, "grow", 1, 1, f"train.stop_after={SWITCH}"))
 
 
 def _one_rank(rank, world, tmp):
@@ -109,10 +116,13 @@ def _one_rank(rank, world, tmp):
 
 
 def test_resharded_continuation_matches_uninterrupted_run(tmp_path, capsys):
+    grown = run_ranks(_grow_from_one_rank, 1, str(tmp_path))[0]
     out = run_ranks(_two_ranks, 2, str(tmp_path))[0]
     straight = out["straight"]
     assert len(out["shrink"]) == len(straight) == 4
     _close(out["shrink"], straight)
+    assert len(grown) == SWITCH and len(out["grow"]) == 4 - SWITCH
+    _close(grown + out["grow"], straight)
     experts = [n for n in out["moments_equal"] if "experts" in n]
     assert len(experts) == 6 and all(out["moments_equal"].values()), out["moments_equal"]
     assert sum("bias_E" in n for n in out["moments_equal"]) == 2
