@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -100,6 +101,19 @@ def _cuda_sources(src: Path) -> tuple[list[str], str]:
     return sorted(str(p) for p in cuda.glob("*.cu")) + [str(cuda / "moe_ops_cuda.cpp")], ""
 
 
+def prefer_environment_tools() -> None:
+    """Put this interpreter's bin directory first on PATH, for this process and its children, so every
+    JIT build (ours, and DeepSpeed's CPU shared-memory all-reduce op) runs the environment's own ninja.
+    Two ninja versions (a system 1.11 and the pip wheel's 1.13) cannot read each other's build logs:
+    a process that finds the other's log rebuilds everything (a minute per process on 2 cores), and a
+    user who runs ``moe-sys`` sometimes with and sometimes without the environment activated, or a
+    launcher that changes PATH, would pay it on every alternate run."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
+
+
 def _missing_tool() -> Optional[str]:
     """Checked before torch's build, whose own message for a missing compiler is a long warning."""
     compiler = os.environ.get("CXX", "c++")
@@ -122,6 +136,7 @@ def load() -> BuildStatus:
     With a CUDA torch the CUDA kernels are built too; if they fail to build, the CPU kernels are
     built alone so the CPU path still gets them.
     """
+    prefer_environment_tools()
     src = csrc_dir()
     if src is None:
         return _unavailable("csrc/ sources not found next to the package (install from a source checkout)")

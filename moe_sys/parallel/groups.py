@@ -30,7 +30,10 @@ def init_distributed(backend: str = "auto") -> None:
     """Join the job DeepSpeed-style (env:// from RANK/WORLD_SIZE/MASTER_ADDR set by any launcher)."""
     import deepspeed
 
+    from moe_sys.ops.build import prefer_environment_tools
+
     if not dist.is_initialized():
+        prefer_environment_tools()  # DeepSpeed JIT-builds its CPU all-reduce op here
         deepspeed.init_distributed(dist_backend=default_backend(backend), verbose=False)
 
 

@@ -16,8 +16,11 @@ def free_port() -> int:
 def _entry(rank, world_size, port, fn, args, results):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
     from moe_sys.parallel.groups import init_distributed
 
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # as the local launcher's OMP_NUM_THREADS
     init_distributed("gloo")
     results[rank] = fn(rank, world_size, *args)
 

@@ -85,7 +85,6 @@ def _direct(task, cfg, snap, world, shared):
 
 
 def _cases(rank, world):
-    torch.set_num_threads(1)  # tiny tensors: more threads only contend for the cores
     snap = {}
     on = _train(rank, world, EVERY, snap)
     off = _train(rank, world, 0)

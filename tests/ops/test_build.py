@@ -73,3 +73,16 @@ def test_csrc_is_found_from_this_checkout():
 def test_set_impl_rejects_unknown_names():
     with pytest.raises(ValueError, match="ops.impl must be one of"):
         ops.set_impl("triton")
+
+
+def test_builds_run_the_environments_own_ninja(monkeypatch):
+    """A system ninja earlier on PATH loses to this environment's: the two cannot read each other's
+    build logs, so alternating between them rebuilds every extension (ours and DeepSpeed's)."""
+    bin_dir = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(bin_dir, "ninja")):
+        pytest.skip("this environment has no ninja of its own (the package depends on the ninja wheel)")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", bin_dir, "/bin"]))
+    build.prefer_environment_tools()
+    assert os.environ["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]
+    build.prefer_environment_tools()  # already first: unchanged
+    assert os.environ["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]
