@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from bench import common
 from moe_sys import ops
+from moe_sys.parallel.groups import init_distributed
 
 
 class SwiGLU(nn.Module):
@@ -68,15 +69,12 @@ class LoopMoE(nn.Module):
 def _deepspeed_moe(D: int, F_: int, E: int, K: int) -> nn.Module:
     """deepspeed.moe.layer.MoE (capacity factor 1.25, its default token dropping) in a 1-rank world
     (gloo on CPU, nccl on a GPU: its all-to-all runs on the tensors' device)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import deepspeed
     if not torch.distributed.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed()  # nccl on a GPU, else gloo
     moe = deepspeed_moe(D, SwiGLU(D, F_), E, K, ep_size=1, capacity_factor=1.25, min_capacity=0)
     moe.set_deepspeed_parallelism()
     return moe

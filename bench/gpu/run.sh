@@ -27,9 +27,9 @@ if [ "$DRY" = 0 ]; then
     export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/moe_sys_ext}
 fi
 # moe_sys and bench come from this checkout (nothing is pip-installed there). Python's own bin folder
-# (the pip ninja) goes last: another ninja first on PATH must stay first, or, being another version with
-# another log format, it would make torch rebuild every extension that ninja built.
+# (the pip ninja) goes first, as moe_sys.ops.build.prefer_environment_tools puts it in every process:
+# two ninja versions cannot read each other's build logs, so mixing them rebuilds every extension.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-PATH="$PATH:$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")"
+PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
 export PATH
 exec "$PY" -m bench.gpu.run "$@"

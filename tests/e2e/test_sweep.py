@@ -22,8 +22,10 @@ def test_grid_runs_reports_failure_and_rerun_does_nothing(tmp_path, quick_sets):
     out_dir = tmp_path / "sweep"
     # --set values are YAML ("false" is a bool); a sweep file's `set` holds the values themselves
     fixed = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in quick_sets[1::2])}
+    # one rank per point: what is under test is the sweep (its points, report, plots, rerun), not EP
     fixed.update({"train.steps": 4, "train.eval_every": 2, "logging.log_every": 1, "model.n_layers": 2,
-                  "data.seq_len": 64, "train.micro_batch_size": 4, "checkpoint.save_final": False})
+                  "data.seq_len": 64, "train.micro_batch_size": 4, "checkpoint.save_final": False,
+                  "parallel.procs": 1, "parallel.ep_size": 1})
     spec = tmp_path / "grid.yaml"
     spec.write_text(json.dumps({"base": TINY, "out_dir": str(out_dir), "set": fixed, "grid": GRID}))
 
