@@ -121,10 +121,11 @@ def multitask_problems(cfg) -> List[str]:
     if eval_only and not cfg.train.init_from:
         problems.append(f"task.multitask.eval_tasks: {', '.join(eval_only)} not trained (not in task.multitask.tasks), "
                         "so their decoders must come from train.init_from, which is not set")
-    if spec.test_domains is not None and spec.test_domains != spec.domains:
-        problems += [f"task.multitask.eval_tasks: {t} cannot be evaluated on task.multitask.test_domains "
-                     f"{spec.test_domains}: its classes are the training domains {spec.domains} (leave it out of "
-                     "eval_tasks; D, N, E are defined on any domain)" for t in spec.evaluated() if t in ("S", "G")]
+    by_domain = [t for t in spec.evaluated() if t in ("S", "G")]
+    if spec.test_domains is not None and spec.test_domains != spec.domains and by_domain:
+        problems.append(f"task.multitask.eval_tasks: {', '.join(by_domain)} cannot be evaluated on task.multitask."
+                        f"test_domains {spec.test_domains}: their classes are the training domains {spec.domains} "
+                        "(leave them out of eval_tasks; D, N, E are defined on any domain)")
     problems += [f"task.multitask.losses.{t}: unknown loss {name!r} for {t}; valid: {', '.join(TASK_LOSSES[t])}"
                  for t, name in spec.losses.items() if t in TASK_LOSSES and name not in TASK_LOSSES[t]]
     if m.arch != "vit":
