@@ -12,7 +12,6 @@ line and the callers fall back to the pure-PyTorch reference. csrc/README.md des
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import platform
@@ -77,15 +76,12 @@ def openmp_flags() -> list[str]:
     return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
 
 
-def build_dir(src: Path) -> Path:
+def build_dir() -> Path:
     """Per-(python, torch, CPU ISA) build folder: switching environments, or sharing a home directory
-    between machines with different CPUs, never loads objects built for another one. The folder is also
-    per (sources, torch install): ninja's build file names both paths, so two checkouts or virtual
-    environments sharing one folder would rebuild each other's objects on every load."""
+    between machines with different CPUs, never loads objects built for another one."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "moe_sys" / "torch_extensions"
     variant = f"py{platform.python_version()}_torch{torch.__version__}_{cpu_capability().lower()}".replace("+", "_")
-    where = hashlib.sha1(f"{src.resolve()}\n{Path(torch.__file__).resolve().parent}".encode()).hexdigest()[:10]
-    return Path(root) / variant / where / EXTENSION_NAME
+    return Path(root) / variant / EXTENSION_NAME
 
 
 def _cuda_sources(src: Path) -> tuple[list[str], str]:
@@ -132,20 +128,20 @@ def load() -> BuildStatus:
     cuda_sources, cuda_note = _cuda_sources(src)
     if cuda_sources:
         try:
-            return _compile(src, cpu_sources + cuda_sources, ("cpu", "cuda"), "")
+            return _compile(cpu_sources + cuda_sources, ("cpu", "cuda"), "")
         except Exception as exc:  # keep the CPU kernels even when nvcc or the CUDA headers fail
             cuda_note = f"the CUDA kernels failed to build: {_failure_reason(exc)}"
             log.warning("moe_sys ops: %s; building the CPU kernels alone", cuda_note)
     try:
-        return _compile(src, cpu_sources, ("cpu",), cuda_note)
+        return _compile(cpu_sources, ("cpu",), cuda_note)
     except Exception as exc:  # a build failure must leave the reference path working
         return _unavailable(_failure_reason(exc))
 
 
-def _compile(src: Path, sources: list[str], devices: tuple[str, ...], reason: str) -> BuildStatus:
+def _compile(sources: list[str], devices: tuple[str, ...], reason: str) -> BuildStatus:
     from torch.utils import cpp_extension
 
-    directory = build_dir(src)
+    directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / f"{EXTENSION_NAME}.so").exists():
         log.info("moe_sys ops: compiling the extension into %s (first use: about a minute)", directory)
