@@ -83,6 +83,18 @@ def read_manifest(directory: str) -> Dict[str, Any]:
     return {**manifest, "specs": [parse(spec) for spec in manifest["specs"]]}
 
 
+def base_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The base model's weights in the state dict of a model with adapters: every adapter's own
+    parameters dropped, ``base_layer`` taken out of the names (an identity for a plain model)."""
+    wrapped = {".".join(k.split(".")[:i]) for k in state for i, part in enumerate(k.split(".")) if part == "base_layer"}
+    out = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if not any(".".join(parts[:i]) in wrapped and parts[i] != "base_layer" for i in range(1, len(parts))):
+            out[".".join(p for p in parts if p != "base_layer")] = tensor
+    return out
+
+
 def load_adapter_weights(model: nn.Module, directory: str) -> None:
     """Copy saved adapter weights into the model's adapters (names and shapes must match; expert
     banks already sharded over EP take their own slice)."""

@@ -2,16 +2,19 @@
 
 A *domain* is a Unicode block, a *class* is a code point, an *instance* is a font plus an
 augmentation (size, rotation, shift, noise). Like PUMA's datasets the split is class-disjoint: the
-first half of each domain's classes (in code-point order) trains, the second half tests; test images
-are rendered with held-out font families only (``TEST_FAMILIES``). A class is kept only if it has a
-glyph in at least one training and one test font, so both halves are real renderings.
+first half of each domain's classes (in code-point order) trains, the second half tests. Fonts form
+two groups: A, the training families, and B, the held-out families ``TEST_FAMILIES``; by default
+training images are rendered with fonts A and test images with fonts B only (``FontSplit``, e.g.
+("B", "B") for both splits in the held-out families: the zero-shot task transfer of
+docs/multitask.md). A class is kept only if it has a glyph in at least one font of each group, so
+every split is made of real renderings.
 
 ``BLOCKS`` holds the 8 domains of the unified-metric benchmark (Cyrillic dominates: ~60% of the
 training images, as SOP dominates PUMA's union) and a disjoint pool for pre-training a backbone.
 
 Cache: ``<cache root>/glyphs/v<version>-<hash of the spec, seed, matplotlib version>/`` holds
 ``images.npy`` (uint8 [N, 32, 32], white glyph on black) and ``index.json`` (per image: domain, class
-code point, split). Built under a file lock into a temp dir, renamed into place when complete.
+code point, split, and the font file of its rendering). Built under a file lock into a temp dir, renamed into place when complete.
 
 Legend: N images, H=W=32 pixels.
 """
@@ -37,7 +40,10 @@ from moe_sys.data.indexed import file_lock
 
 GLYPH_VERSION = 1
 SIZE = 32
-TEST_FAMILIES = ("DejaVuSerif", "STIXNonUni", "cm")  # held-out font families: test images only
+TEST_FAMILIES = ("DejaVuSerif", "STIXNonUni", "cm")  # font group B, held-out families: test images by default
+FONT_GROUPS = ("A", "B")  # A: every other shipped font (training images by default)
+FontSplit = Tuple[str, str]  # the font group of the (train, test) images
+DEFAULT_FONTS: FontSplit = ("A", "B")
 # LastResort draws a placeholder box for every code point; cmex10/cmsy10 map code points to TeX's
 # symbol encodings (an ASCII letter there is a delimiter or an operator), not to the character.
 SKIP_FONTS = ("LastResort", "cmex10", "cmsy10")
@@ -95,6 +101,10 @@ def is_test_font(path: Path) -> bool:
     return path.name.startswith(TEST_FAMILIES)
 
 
+def font_group(path: Path) -> str:
+    return "B" if is_test_font(path) else "A"
+
+
 def block_classes(block: Block, charmaps: Dict[Path, set]) -> List[int]:
     """Code points of the block with a glyph in >= 1 training font and >= 1 test font."""
     out = []
@@ -142,14 +152,15 @@ def augment(base_NHW: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out.clamp(0, 255).round().to(torch.uint8)
 
 
-def build(domains: Sequence[str], seed: int) -> Tuple[np.ndarray, List[dict]]:
+def build(domains: Sequence[str], seed: int, fonts: FontSplit = DEFAULT_FONTS) -> Tuple[np.ndarray, List[dict]]:
     """Render every image of the named blocks: (uint8 [N, 32, 32], index entries). Each glyph is
-    rendered once per font; the instances are augmentations of those renderings, done in one batch
-    (per-class torch calls cost more than the rendering)."""
+    rendered once per font of its split's group (``fonts``: train, test); the instances are
+    augmentations of those renderings, done in one batch (per-class torch calls cost more than the
+    rendering)."""
     from matplotlib.ft2font import FT2Font
 
-    fonts = {p: FT2Font(str(p)) for p in font_paths()}
-    charmaps = {p: set(f.get_charmap()) for p, f in fonts.items()}
+    faces = {p: FT2Font(str(p)) for p in font_paths()}
+    charmaps = {p: set(f.get_charmap()) for p, f in faces.items()}
     gen = torch.Generator().manual_seed(seed)
     bases, picks, index = [], [], []
     for name in domains:
@@ -157,39 +168,48 @@ def build(domains: Sequence[str], seed: int) -> Tuple[np.ndarray, List[dict]]:
         classes = block_classes(block, charmaps)
         for i, cp in enumerate(classes):
             split = "train" if i < len(classes) // 2 else "test"
-            usable = [p for p in fonts if cp in charmaps[p] and is_test_font(p) == (split == "test")]
-            rendered = [b for b in (render(fonts[p], cp) for p in usable) if b is not None]
+            group = fonts[split == "test"]
+            usable = [p for p in faces if cp in charmaps[p] and font_group(p) == group]
+            rendered = [(p, b) for p, b in ((p, render(faces[p], cp)) for p in usable) if b is not None]
             if not rendered:
                 continue
             count = block.train_per_class if split == "train" else block.test_per_class
-            picks.append(len(bases) + torch.randint(len(rendered), (count,), generator=gen))
-            bases += rendered
-            index += [{"domain": name, "class": cp, "split": split}] * count
+            pick = torch.randint(len(rendered), (count,), generator=gen)
+            picks.append(len(bases) + pick)
+            bases += [b for _, b in rendered]
+            index += [{"domain": name, "class": cp, "split": split, "font": rendered[k][0].name} for k in pick.tolist()]
     images = augment(torch.from_numpy(np.stack(bases))[torch.cat(picks)], gen)
     return images.numpy(), index
 
 
-def cache_dir(domains: Sequence[str], seed: int, cache_root: Optional[str] = None) -> Path:
+def cache_dir(domains: Sequence[str], seed: int, cache_root: Optional[str] = None,
+              fonts: FontSplit = DEFAULT_FONTS) -> Path:
     import matplotlib
 
     spec = {"domains": sorted(domains), "blocks": {d: repr(BLOCKS[d]) for d in sorted(domains)}, "seed": seed,
             "matplotlib": matplotlib.__version__, "test_families": TEST_FAMILIES}
+    if tuple(fonts) != DEFAULT_FONTS:  # the default's key predates font splits: its caches stay valid
+        spec["fonts"] = list(fonts)
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     return root / "glyphs" / f"v{GLYPH_VERSION}-{digest}"
 
 
-def ensure_glyphs(domains: Sequence[str], seed: int = 0, cache_root: Optional[str] = None) -> Path:
+def ensure_glyphs(domains: Sequence[str], seed: int = 0, cache_root: Optional[str] = None,
+                  fonts: FontSplit = DEFAULT_FONTS) -> Path:
     """Build the named blocks' images if not cached (one process builds, others wait); their directory."""
     unknown = [d for d in domains if d not in BLOCKS]
     if unknown:
         raise ValueError(f"no embedded glyph domain named {unknown[0]!r}; known: {', '.join(BLOCKS)}")
-    final = cache_dir(domains, seed, cache_root)
+    bad = [g for g in fonts if g not in FONT_GROUPS]
+    if len(fonts) != 2 or bad:
+        raise ValueError(f"font split {fonts!r}: give the (train, test) font groups, each one of {', '.join(FONT_GROUPS)}")
+    final = cache_dir(domains, seed, cache_root, fonts)
     if not (final / "index.json").exists():
         final.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(final.parent / f"{final.name}.lock"):
             if not (final / "index.json").exists():
-                images, index = build(sorted(domains), seed)
+                images, index = build(sorted(domains), seed, tuple(fonts))
                 tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
                 np.save(tmp / "images.npy", images)
                 (tmp / "index.json").write_text(json.dumps(index))
@@ -198,9 +218,10 @@ def ensure_glyphs(domains: Sequence[str], seed: int = 0, cache_root: Optional[st
     return final
 
 
-def load_glyphs(domains: Sequence[str], split: str, seed: int = 0, cache_root: Optional[str] = None) -> GlyphSet:
+def load_glyphs(domains: Sequence[str], split: str, seed: int = 0, cache_root: Optional[str] = None,
+                fonts: FontSplit = DEFAULT_FONTS) -> GlyphSet:
     """The images of one split ("train" | "test") of the named domains, domain ids in the given order."""
-    root = ensure_glyphs(domains, seed, cache_root)
+    root = ensure_glyphs(domains, seed, cache_root, fonts)
     index = json.loads((root / "index.json").read_text())
     keep = np.array([e["split"] == split for e in index])
     images = np.load(root / "images.npy", mmap_mode="r")[keep]

@@ -18,6 +18,8 @@ the pixels where its rendering is >= 128. Targets (the tasks of VTAGML's NYUv2/T
 Splits follow the glyphs': train scenes use training glyphs (training fonts), test scenes the test
 split (held-out font families and the other half of each domain's classes), so S, D, N, E and the
 domain of the largest glyph measure generalisation to unseen fonts; its class is unseen at test.
+``fonts`` picks other font groups for the two splits (glyphs.FontSplit), e.g. ("B", "B"): both in
+the held-out families.
 
 Cache: ``<cache root>/scenes/v<version>-<hash of the spec>/scenes.npz`` holds the image, S, D and G
 (N and E are recomputed on load: cheap and deterministic). Built under a file lock, renamed into place.
@@ -153,9 +155,9 @@ def random_scene(source: glyphs.GlyphSet, size: int, max_glyphs: int, gen: torch
 
 
 def build(domains: Sequence[str], split: str, num: int, size: int, max_glyphs: int, clip: float, seed: int,
-          cache_root: Optional[str]) -> dict:
+          cache_root: Optional[str], fonts: glyphs.FontSplit) -> dict:
     """Render ``num`` scenes of one split: arrays of the image, S, D and G."""
-    source = glyphs.load_glyphs(domains, split, seed, cache_root)
+    source = glyphs.load_glyphs(domains, split, seed, cache_root, fonts)
     gen = torch.Generator().manual_seed(seed * 2 + (split == "test"))
     scenes = [compose(*random_scene(source, size, max_glyphs, gen), clip) for _ in range(num)]
     stack = {k: np.stack([s[k].numpy() for s in scenes]) for k in ("image", "seg", "height")}
@@ -171,12 +173,14 @@ def cache_file(spec: dict, cache_root: Optional[str]) -> Path:
 
 
 def load_scenes(domains: Sequence[str], split: str, num: int, size: int = 64, max_glyphs: int = 3,
-                clip: float = 4.0, seed: int = 0, cache_root: Optional[str] = None) -> SceneSet:
-    """``num`` scenes of one split ("train" | "test") of the named glyph domains, built once and cached."""
+                clip: float = 4.0, seed: int = 0, cache_root: Optional[str] = None,
+                fonts: glyphs.FontSplit = glyphs.DEFAULT_FONTS) -> SceneSet:
+    """``num`` scenes of one split ("train" | "test") of the named glyph domains, built once and cached;
+    ``fonts``: the font groups of the glyphs' (train, test) splits."""
     if size < glyphs.SIZE:
         raise ValueError(f"scene size {size} is smaller than a glyph ({glyphs.SIZE} px)")
     spec = {"domains": list(domains), "split": split, "num": num, "size": size, "max_glyphs": max_glyphs,
-            "clip": clip, "seed": seed, "glyphs": str(glyphs.cache_dir(domains, seed, cache_root).name)}
+            "clip": clip, "seed": seed, "glyphs": str(glyphs.cache_dir(domains, seed, cache_root, fonts).name)}
     path = cache_file(spec, cache_root)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +188,7 @@ def load_scenes(domains: Sequence[str], split: str, num: int, size: int = 64, ma
             if not path.exists():
                 fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
                 with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **build(domains, split, num, size, max_glyphs, clip, seed, cache_root))
+                    np.savez(f, **build(domains, split, num, size, max_glyphs, clip, seed, cache_root, fonts))
                 os.replace(tmp, path)
     return scene_set(dict(np.load(path)), clip, list(domains))
 

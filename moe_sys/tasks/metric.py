@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moe_sys.adapters.io import base_state
 from moe_sys.weights import io as weights_io
 from moe_sys.weights.vit import fit_positions
 from moe_sys.analysis.retrieval_plot import SAMPLE_FILE
@@ -174,12 +175,15 @@ def save_sample(path: str, emb_ND: torch.Tensor, images: ImageSet, order_N: np.n
              query_domains=np.asarray(images.domain_names)[images.domains_N[q]])
 
 
-def load_encoder_weights(encoder: nn.Module, path: str) -> None:
+def load_encoder_weights(encoder: nn.Module, path: str, state: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """The encoder of a metric or multitask run (its ``encoder.*`` weights; the heads and losses stay
-    behind), or a whole-encoder .safetensors file; positions are resampled to this image size."""
-    state = weights_io.read_model_weights(path)
+    behind; of a run with adapters, the base encoder's: the adapters load from its adapters/ dir), or a
+    whole-encoder .safetensors file; positions are resampled to this image size. ``state``: the
+    weights at ``path``, already read."""
+    state = weights_io.read_model_weights(path) if state is None else state
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    state = base_state(state)
     state = fit_positions(state, encoder)  # an encoder trained on another image size
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -8,6 +8,9 @@ task-conditioned adapters (and task routers): mode ``mixed`` draws one task per 
 losses per task; mode ``all`` gives every sample every target and, with ``task_conditioned``, runs the
 encoder once per task with that task's id (as VTAGML's forward does).
 
+Evaluation-only tasks (``eval_tasks`` not in ``tasks``: VTAGML's zero-shot task transfer) have a
+decoder, loaded from ``train.init_from`` and frozen, and a task id, but no loss and no training pass.
+
 Legend: B scenes per rank, H = W image pixels, T tasks, N scenes.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moe_sys.data.glyphs import BLOCKS
 from moe_sys.data.scenes import SceneSet, load_scenes
 from moe_sys.eval.dense import LOWER_IS_BETTER, PRIMARY, DenseMeter, delta_m
 from moe_sys.models.dense_heads import DenseDecoder, GlobalHead
@@ -31,6 +35,7 @@ from moe_sys.tasks.base import Task
 from moe_sys.tasks.metric import load_encoder_weights
 from moe_sys.tasks.multitask_losses import LOSSES, uncertainty_weighted
 from moe_sys.train.distributed import to_device
+from moe_sys.weights import io as weights_io
 
 TARGETS = {"S": "seg", "D": "height", "N": "normals", "E": "edges", "G": "glyph"}  # task -> batch key
 
@@ -52,19 +57,21 @@ class MultitaskModel(nn.Module):
         self.num_patches = encoder.embed.num_patches  # read before a prompt adapter may wrap the embedding
         self.log_var_T = nn.Parameter(torch.zeros(len(decoders))) if uncertainty else None
 
-    def forward(self, images_BCHW: torch.Tensor, domain_ids_B: torch.Tensor, per_task: bool = False
-                ) -> MultitaskOutput:
-        """per_task: one encoder pass per task, every sample with that task's id (its decoder reads it);
-        else one pass with ``domain_ids_B``, read by every decoder."""
+    def forward(self, images_BCHW: torch.Tensor, domain_ids_B: torch.Tensor, per_task: bool = False,
+                tasks: Optional[List[str]] = None) -> MultitaskOutput:
+        """The predictions of ``tasks`` (default: every decoder's). per_task: one encoder pass per task,
+        every sample with that task's id (its position among the decoders); else one pass with
+        ``domain_ids_B``, read by every decoder."""
+        tasks = list(self.decoders) if tasks is None else tasks
         if not per_task:
             out = self.encoder(images_BCHW, domain_ids_B)
-            return MultitaskOutput({t: self._decode(t, out) for t in self.decoders}, out.routings, out.losses)
-        preds, routings, losses = {}, [], {}
-        for i, t in enumerate(self.decoders):
-            out = self.encoder(images_BCHW, torch.full_like(domain_ids_B, i))
+            return MultitaskOutput({t: self._decode(t, out) for t in tasks}, out.routings, out.losses)
+        preds, routings, losses, ids = {}, [], {}, list(self.decoders)
+        for t in tasks:
+            out = self.encoder(images_BCHW, torch.full_like(domain_ids_B, ids.index(t)))
             preds[t], routings = self._decode(t, out), routings + out.routings
             for key, value in out.losses.items():  # averaged over the passes: one batch's worth
-                losses[key] = losses.get(key, 0) + value / len(self.decoders)
+                losses[key] = losses.get(key, 0) + value / len(tasks)
         return MultitaskOutput(preds, routings, losses)
 
     def _decode(self, task: str, out) -> torch.Tensor:
@@ -130,7 +137,8 @@ class MultitaskTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.spec = cfg.task.multitask
-        self.tasks = list(self.spec.tasks)
+        self.tasks = list(self.spec.tasks)  # trained
+        self.all_tasks, self.eval_tasks = self.spec.model_tasks(), self.spec.evaluated()
         self.train_set, self.test_set = load_splits(cfg)
         self.baseline = baseline_metrics(self.spec)
         self.affinity = AffinityProbe(self.spec.affinity, self.tasks, lambda model, batch: self.per_task_losses(
@@ -146,18 +154,38 @@ class MultitaskTask(Task):
         return list(self.tasks)
 
     def domain_names(self) -> List[str]:
-        return self.task_names()  # the ids batches carry are task ids
+        return list(self.all_tasks)  # the ids batches carry are task ids (evaluation-only tasks have one too)
 
     def build_model(self):
         cfg, spec = self.cfg, self.spec
-        encoder = build_vit(cfg, num_domains=len(self.tasks))
+        encoder = build_vit(cfg, num_domains=len(self.all_tasks))
+        decoders = nn.ModuleDict({t: self._decoder(t) for t in self.all_tasks})
         if cfg.train.init_from:
-            load_encoder_weights(encoder, cfg.train.init_from)
+            state = weights_io.read_model_weights(cfg.train.init_from)
+            load_encoder_weights(encoder, cfg.train.init_from, state)
+            self._load_decoders(decoders, cfg.train.init_from, state)
         if spec.freeze_encoder:
             encoder.requires_grad_(False)
-        decoders = nn.ModuleDict({t: self._decoder(t) for t in self.tasks})
+        for t in self.all_tasks[len(self.tasks):]:
+            decoders[t].requires_grad_(False)  # evaluation-only: as trained by the run it came from
         self.model = MultitaskModel(encoder, decoders, spec.weighting == "uncertainty")  # the engine wraps it
         return self.model
+
+    def _load_decoders(self, decoders: nn.ModuleDict, path: str, state: Dict[str, torch.Tensor]) -> None:
+        """The decoders a multitask run at ``path`` saved for our tasks; every evaluation-only task needs one."""
+        for t in self.all_tasks:
+            prefix = f"decoders.{t}."
+            saved = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not saved:
+                if t not in self.tasks:
+                    raise ValueError(f"train.init_from: {path} has no {t} decoder, and {t} is evaluation-only "
+                                     "(in task.multitask.eval_tasks, not in tasks)")
+                continue
+            own = decoders[t].state_dict()
+            if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
+                raise ValueError(f"train.init_from: the {t} decoder of {path} does not fit task.multitask's "
+                                 f"(another decoder or domain count): {sorted(saved)[:3]} vs {sorted(own)[:3]}")
+            decoders[t].load_state_dict(saved)
 
     def _decoder(self, task: str) -> nn.Module:
         d, width = self.spec.decoder_of(task), self.cfg.model.d_model
@@ -192,8 +220,10 @@ class MultitaskTask(Task):
         return stream, lambda: iter(())
 
     def forward(self, model, batch):
+        """The trained tasks' predictions (evaluation-only decoders are not run)."""
         ids = batch["domain_ids"] if self.spec.task_conditioned else torch.zeros_like(batch["domain_ids"])
-        return model(batch["images"], ids, per_task=self.spec.task_conditioned and self.spec.mode == "all")
+        return model(batch["images"], ids, per_task=self.spec.task_conditioned and self.spec.mode == "all",
+                     tasks=self.tasks)
 
     def per_task_losses(self, out: MultitaskOutput, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Unweighted loss of every task (differentiable scalars); mode mixed: over that task's samples
@@ -224,30 +254,39 @@ class MultitaskTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, batches) -> Dict[str, Any]:
-        """Every task's metrics on all test scenes (each rank its share; the sums meet in one all_reduce),
+        """Every evaluated task's metrics on all test scenes (each rank its share; the sums meet in one all_reduce),
         Delta_m against the single-task baseline when one is given, the learned log-variances."""
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = np.arange(len(self.test_set.images_NHW))[rank::world]
         meter, size = DenseMeter(self.spec.target_size("S")), self.spec.eval_batch_size
         for start in range(0, len(mine), size):
             idx = mine[start:start + size]
-            batch = to_device(scene_batch(self.test_set, idx, self.tasks, np.zeros(len(idx), np.int64)), model.device)
-            out = model(batch["images"], batch["domain_ids"], per_task=self.spec.task_conditioned)
-            for t in self.tasks:
+            batch = to_device(scene_batch(self.test_set, idx, self.eval_tasks, np.zeros(len(idx), np.int64)),
+                              model.device)
+            out = model(batch["images"], batch["domain_ids"], per_task=self.spec.task_conditioned, tasks=self.eval_tasks)
+            for t in self.eval_tasks:
                 getattr(meter, f"add_{t}")(out.preds[t].float(), batch[TARGETS[t]])
         record: Dict[str, Any] = meter.result(model.device)
         if self.baseline:
-            record["delta_m"] = delta_m(record, self.baseline, [PRIMARY[t] for t in self.tasks])
+            record["delta_m"] = delta_m(record, self.baseline, [PRIMARY[t] for t in self.eval_tasks])
         if self.model.log_var_T is not None:
             record["log_var"] = dict(zip(self.tasks, self.model.log_var_T.detach().float().tolist()))
         return record
 
 
 def load_splits(cfg):
-    """(train, test) SceneSets of task.multitask at the ViT's image size."""
+    """(train, test) SceneSets of task.multitask at the ViT's image size: the test scenes of
+    ``test_domains`` (default: the training domains), each split in its font group."""
     s = cfg.task.multitask
-    load = dict(size=cfg.model.vit.image_size, max_glyphs=s.max_glyphs, seed=s.scene_seed, cache_root=cfg.data.cache_dir)
-    return load_scenes(s.domains, "train", s.num_train, **load), load_scenes(s.domains, "test", s.num_test, **load)
+    test_domains = s.test_domains or s.domains
+    for key, names in (("domains", s.domains), ("test_domains", test_domains)):
+        unknown = [d for d in names if d not in BLOCKS]
+        if unknown:
+            raise ValueError(f"task.multitask.{key}: no embedded glyph domain named {unknown[0]!r}; known: "
+                             f"{', '.join(BLOCKS)}")
+    load = dict(size=cfg.model.vit.image_size, max_glyphs=s.max_glyphs, seed=s.scene_seed, cache_root=cfg.data.cache_dir,
+                fonts=(s.fonts.train, s.fonts.test))
+    return load_scenes(s.domains, "train", s.num_train, **load), load_scenes(test_domains, "test", s.num_test, **load)
 
 
 def baseline_metrics(spec) -> Optional[Dict[str, float]]:
@@ -260,7 +299,7 @@ def baseline_metrics(spec) -> Optional[Dict[str, float]]:
     for run in spec.baseline_runs:
         values.update(last_evaluation(run))
     values.update(spec.baseline)
-    missing = [PRIMARY[t] for t in spec.tasks if PRIMARY[t] not in values]
+    missing = [PRIMARY[t] for t in spec.evaluated() if PRIMARY[t] not in values]
     if missing:
         raise ValueError(f"task.multitask.baseline: no single-task value of {', '.join(missing)} (give it there or "
                          "in a baseline_runs entry that evaluated it)")

@@ -1,5 +1,6 @@
 """The multitask task: dense metrics and Delta_m against hand-computed cases, the uncertainty weighting
-formula, mixed-batch masking against a per-task computation, and the one-line config errors."""
+formula, mixed-batch masking against a per-task computation, the protocols' options (font groups, test
+domains, evaluation-only tasks from train.init_from), and the one-line config errors."""
 import math
 
 import numpy as np
@@ -28,9 +29,10 @@ TINY = {
 }
 
 
-def config(tmp_path, **multitask):
+def config(tmp_path, sections=None, **multitask):
     raw = yaml.safe_load(yaml.safe_dump(TINY))
     raw["task"]["multitask"].update(multitask)
+    raw.update(sections or {})
     raw["data"] = {"cache_dir": str(tmp_path.parent / "moe_sys_cache")}
     path = tmp_path / "mt.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -120,6 +122,13 @@ def test_mixed_batch_masking_equals_per_task_computation(tmp_path):
     ({"losses": {"D": "l2"}}, "task.multitask.losses.D: unknown loss 'l2' for D; valid: l1, berhu"),
     ({"decoders": {"S": {"out": 5}}}, "task.multitask.decoders.S.out: 5 outputs, but the S target has 3"),
     ({"baseline": {"S/miou": 0.5}}, "task.multitask.baseline: no single-task value of D/rmse, N/mean_angle"),
+    ({"fonts": {"train": "C"}}, "task.multitask.fonts.train"),
+    ({"eval_tasks": ["D", "depth"]}, "task.multitask.eval_tasks: 'depth' is not a target of the scene data"),
+    ({"tasks": ["S"], "eval_tasks": ["S", "D"], "losses": {}}, "task.multitask.eval_tasks: D not trained (not in task.multitask.tasks), "
+                                                 "so their decoders must come from train.init_from, which is not set"),
+    ({"test_domains": ["georgian"]}, "task.multitask.eval_tasks: S, G cannot be evaluated on task.multitask.test_domains"),
+    ({"test_domains": ["klingon"], "eval_tasks": ["D"]}, "task.multitask.test_domains: no embedded glyph domain named "
+                                                         "'klingon'"),
 ])
 def test_bad_multitask_config_is_one_line(tmp_path, change, needle):
     with pytest.raises((ConfigError, ValueError)) as e:
@@ -146,3 +155,101 @@ def test_encoder_weights_of_another_image_size_get_resampled_positions(tmp_path)
     assert pos.shape == (1, 37, 16) and torch.equal(pos[:, 0], source.embed.pos_embed[:, 0])
     assert torch.allclose(pos[:, 1:], source.embed.pos_embed[:, 1:2].expand(1, 36, 16), atol=1e-6)
     assert torch.equal(target.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+
+
+LATIN = set(range(0x41, 0x5B)) | set(range(0x61, 0x7B))
+
+
+def test_font_groups_and_test_domains_pick_the_scenes(tmp_path):
+    """fonts B/B: the training scenes hold the same (training) classes as with fonts A, in other
+    renderings; test_domains: the test scenes hold only that block's glyphs, S has one domain."""
+    held_out = MultitaskTask(config(tmp_path, fonts={"train": "B", "test": "B"}, test_domains=["arrows"],
+                                    eval_tasks=["D", "N", "E"]))
+    default = MultitaskTask(config(tmp_path))
+    train, test = held_out.train_set, held_out.test_set
+    assert not np.array_equal(train.images_NHW, default.train_set.images_NHW)
+    latin_train = set(default.train_set.largest_class_N[default.train_set.largest_domain_N == 0].tolist())
+    assert set(train.largest_class_N[train.largest_domain_N == 0].tolist()) <= LATIN
+    assert latin_train <= LATIN and not latin_train & set(default.test_set.largest_class_N.tolist())
+    assert all(0x2190 <= c <= 0x21FF for c in test.largest_class_N) and set(np.unique(test.seg_NHW)) == {0, 1}
+    assert held_out.eval_tasks == ["D", "N", "E"] and held_out.all_tasks == ["S", "D", "N", "E", "G"]
+
+
+def test_glyph_font_groups_render_each_split_in_its_group():
+    from moe_sys.data import glyphs
+
+    group = {path.name: glyphs.font_group(path) for path in glyphs.font_paths()}
+    default, held_out = glyphs.build(["latin"], 0)[1], glyphs.build(["latin"], 0, ("B", "B"))[1]
+    assert {(e["split"], group[e["font"]]) for e in default} == {("train", "A"), ("test", "B")}
+    assert {group[e["font"]] for e in held_out} == {"B"}
+    for split in ("train", "test"):  # the same classes, each with its images
+        assert sorted(e["class"] for e in held_out if e["split"] == split) == \
+            sorted(e["class"] for e in default if e["split"] == split)
+
+
+def test_evaluation_only_tasks_come_from_init_from_frozen_and_evaluated(tmp_path):
+    """Zero-shot task transfer: a run trained on S, D, N (adapters) is loaded into a run that trains S
+    only; D and N get their decoders and task ids from it, no gradient, no change from training, and
+    are evaluated (equal to a direct computation with their task id)."""
+    from safetensors.torch import save_file
+
+    from moe_sys.adapters.io import save_adapters
+    from moe_sys.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    source_cfg = config(tmp_path, tasks=["S", "D", "N"], mode="all")
+    source_task = MultitaskTask(source_cfg)
+    source = source_task.build_model()
+    inject(source.encoder, source_cfg.adapters, source_task.domain_names())
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "source.safetensors"))
+    save_adapters(source.encoder, str(tmp_path / "adapters"))
+    sections = {"train": {"init_from": str(tmp_path / "source.safetensors"), "lr": 1e-2},
+                "adapters": {**TINY["adapters"], "load_from": str(tmp_path / "adapters")}}
+    cfg = config(tmp_path, sections, tasks=["S"], eval_tasks=["S", "D", "N"], mode="all", losses={},
+                 fonts={"train": "B", "test": "B"})
+    task = MultitaskTask(cfg)
+    model = task.build_model()
+    inject(model.encoder, cfg.adapters, task.domain_names())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert before.keys() == source.state_dict().keys()
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in before.items())  # base, adapters, decoders
+    optimizer, stream = build_optimizer(model, cfg.train), task.build_feeds(0, 1)[0]
+    for _ in range(2):
+        batch = next(stream)
+        out = task.forward(model, batch)
+        loss, parts = task.loss(out, batch)
+        assert set(out.preds) == {"S"} and set(parts) == {"S"}
+        loss.backward()
+        assert all(p.grad is None and not p.requires_grad for t in "DN" for p in model.decoders[t].parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(("decoders.D.", "decoders.N.")))
+    assert not torch.equal(after["decoders.S.head.weight"], before["decoders.S.head.weight"])
+    model.device = torch.device("cpu")  # as the engine has
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        record = task.evaluate(model, None)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert {"S/miou", "D/rmse", "N/mean_angle"} <= record.keys() and "E/l1" not in record
+    test = scene_batch(task.test_set, np.arange(4), ["D"], np.zeros(4, np.int64))
+    with torch.no_grad():
+        depth = model(test["images"], test["domain_ids"], per_task=True, tasks=["D"]).preds["D"][:, 0]
+    assert record["D/rmse"] == pytest.approx(float(((depth - test["height"]) ** 2).mean().sqrt()), rel=1e-5)
+
+
+def test_evaluation_only_task_without_a_saved_decoder_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    source_task = MultitaskTask(config(tmp_path, tasks=["S"], losses={}))
+    source = source_task.build_model()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "s.safetensors"))
+    task = MultitaskTask(config(tmp_path, {"train": {"init_from": str(tmp_path / "s.safetensors")}}, tasks=["S"],
+                                eval_tasks=["S", "D"], losses={}))
+    with pytest.raises(ValueError) as e:
+        task.build_model()
+    assert "train.init_from" in str(e.value) and "has no D decoder" in str(e.value) and "\n" not in str(e.value)
