@@ -20,8 +20,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
+
+import study_runs  # docs/, beside this script
+from study_runs import finished
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = ["cyrillic", "math_operators", "braille", "greek", "arrows", "georgian", "latin", "geometric_shapes"]
@@ -52,18 +53,7 @@ COMMON = ["checkpoint.every=0", "logging.progress_bar=false", "logging.tensorboa
 
 
 def train(config: str, run_dir: str, sets: list) -> None:
-    """`moe-sys train` (the config's 2 CPU ranks); skipped when the run already finished."""
-    if os.path.exists(os.path.join(run_dir, "done")):
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    args = [a for s in COMMON + sets + [f"logging.run_dir={run_dir}"] for a in ("--set", s)]
-    proc = subprocess.run([sys.executable, "-m", "moe_sys.cli", "train", config, "--overwrite", *args], cwd=REPO,
-                          capture_output=True, text=True)
-    with open(os.path.join(run_dir, "train.log"), "w") as f:
-        f.write(proc.stderr)
-    if proc.returncode != 0:
-        sys.exit(f"{run_dir} failed:\n{proc.stderr[-3000:]}")
-    open(os.path.join(run_dir, "done"), "w").close()
+    study_runs.train(config, run_dir, COMMON + sets)
 
 
 def records(run_dir: str) -> list:
@@ -108,7 +98,7 @@ def per_domain(out: str, seed: str, sets: list, steps: int, report: bool = False
     from moe_sys.weights import io as weights_io
 
     runs = [os.path.join(out, f"per_domain-{d}-seed{seed}") for d in DOMAINS]
-    if report and not all(os.path.exists(os.path.join(r, "done")) for r in runs):
+    if report and not all(finished(r) for r in runs):
         return None
     for domain, run_dir in zip(DOMAINS, runs):
         train("configs/uml_puma.yaml", run_dir, sets + [NO_ADAPTERS, f"train.steps={max(1, steps // len(DOMAINS))}",
@@ -210,7 +200,7 @@ def run_row(run_dir: str, sets: list, report: bool):
     """The row's summary (training it first unless ``report``); None for an unfinished run in report mode."""
     if not report:
         train("configs/uml_puma.yaml", run_dir, sets)
-    return summarize(run_dir) if os.path.exists(os.path.join(run_dir, "done")) else None
+    return summarize(run_dir) if finished(run_dir) else None
 
 
 def render(rows: dict, args) -> str:

@@ -28,9 +28,7 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -42,6 +40,9 @@ from moe_sys.analysis.task_groups import group_run  # noqa: E402
 from moe_sys.eval.dense import LOWER_IS_BETTER, PRIMARY, delta_m  # noqa: E402
 from moe_sys.tasks.multitask import last_evaluation  # noqa: E402
 
+import study_runs  # noqa: E402  (docs/, beside this script)
+from study_runs import finished, wall_s  # noqa: E402
+
 TASKS = ["S", "D", "N", "E", "G"]
 SHARED, VTAGML, EXPERTS = "configs/multitask_shared.yaml", "configs/multitask_vtagml.yaml", \
     "configs/multitask_task_experts.yaml"
@@ -52,31 +53,7 @@ DELTAS = {"delta_m": TASKS, "delta_m S-D-N-E": TASKS[:4]}  # all tasks; VTAGML's
 
 
 def train(config: str, run_dir: str, sets: list) -> None:
-    """`moe-sys train` (the config's 2 CPU ranks); skipped when the run already finished. OUT/<run>/done
-    holds the wall seconds of the run."""
-    if finished(run_dir):
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    args = [a for s in COMMON + sets + [f"logging.run_dir={run_dir}"] for a in ("--set", s)]
-    print(f"{time.strftime('%H:%M:%S')} train {os.path.basename(run_dir)}", flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "moe_sys.cli", "train", config, "--overwrite", *args], cwd=REPO,
-                          capture_output=True, text=True)
-    with open(os.path.join(run_dir, "train.log"), "w") as f:
-        f.write(proc.stderr)
-    if proc.returncode != 0:
-        sys.exit(f"{run_dir} failed:\n{proc.stderr[-3000:]}")
-    with open(os.path.join(run_dir, "done"), "w") as f:
-        f.write(f"{time.perf_counter() - start:.1f}\n")
-
-
-def finished(run_dir: str) -> bool:
-    return os.path.exists(os.path.join(run_dir, "done"))
-
-
-def wall_s(run_dir: str) -> float:
-    with open(os.path.join(run_dir, "done")) as f:
-        return float(f.read())
+    study_runs.train(config, run_dir, COMMON + sets)
 
 
 def affinity_grouping(affinity_run: str, out_dir: str, k: int):
