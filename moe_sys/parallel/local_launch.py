@@ -1,7 +1,9 @@
 """Start `moe-sys` on N local ranks through the deepspeed launcher when no launcher started us."""
 from __future__ import annotations
 
+import base64
 import glob
+import json
 import logging
 import os
 import signal
@@ -24,8 +26,13 @@ def free_port() -> int:
 
 
 def launcher_command(procs: int, port: int, cli_args: List[str]) -> List[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs),
-            "--master_port", str(port), "--no_local_rank", "--module", "moe_sys.cli", *cli_args]
+    """DeepSpeed's per-node launcher, given the one-node world the `deepspeed` runner would hand it
+    (``{"localhost": [0..procs-1]}``, base64 JSON): the same ranks and environment as through the
+    runner, one Python process (and DeepSpeed import, ~3.5 s on 2 cores) fewer per run."""
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(procs))}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "--no_local_rank", "moe_sys.cli",
+            *cli_args]
 
 
 def run_local(procs: int, cli_args: List[str]) -> int:
