@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from bench import common
 from bench.moe_layer import deepspeed_moe
+from moe_sys.parallel.local_launch import threads_per_rank
 
 WORLD, EP = 2, 2
 
@@ -45,10 +46,6 @@ def model_sets(experts: int, width: int) -> List[str]:
 
 
 OURS, DEEPSPEED = "moe_sys", "deepspeed MoE"
-
-
-def _threads_per_rank() -> int:
-    return max(1, (os.cpu_count() or 1) // WORLD)
 
 
 class DeepSpeedFFN(nn.Module):
@@ -133,7 +130,7 @@ def rank_main(rank: int, world: int, sets: List[str], top_k: int, capacity_facto
     from moe_sys import ops
     from moe_sys.config import load_config
 
-    torch.set_num_threads(_threads_per_rank())  # one share of the cores per rank
+    torch.set_num_threads(threads_per_rank(WORLD))  # one share of the cores per rank
     common.set_malloc("warm")
     ops.set_impl("kernel")
     cf = "null" if capacity_factor is None else capacity_factor
@@ -209,7 +206,7 @@ def main(argv=None) -> None:
             for name, text in result.get("profile", {}).items():
                 print(f"--- {name}, K={top_k}, capacity {cf}\n{text}", flush=True)
     body = (f"Load average {load_start:.1f} at the start. Model: {' '.join(sets)}; "
-            f"{WORLD} ranks x {_threads_per_rank()} thread(s); "
+            f"{WORLD} ranks x {threads_per_rank(WORLD)} thread(s); "
             f"{args.reps} timed steps per contender after {args.warmup} warm-up steps.\n\n"
             + common.table(HEADERS, rows))
     print(body)

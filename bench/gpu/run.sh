@@ -26,10 +26,7 @@ if [ "$DRY" = 0 ]; then
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # sm_90 machine code, not PTX the driver JITs
     export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/moe_sys_ext}
 fi
-# moe_sys and bench come from this checkout (nothing is pip-installed there). Python's own bin folder
-# (the pip ninja) goes first, as moe_sys.ops.build.prefer_environment_tools puts it in every process:
-# two ninja versions cannot read each other's build logs, so mixing them rebuilds every extension.
+# moe_sys and bench come from this checkout (nothing is pip-installed there). Which ninja builds the
+# kernels is moe_sys's choice in every process (moe_sys.ops.build.prefer_environment_tools).
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
-export PATH
 exec "$PY" -m bench.gpu.run "$@"

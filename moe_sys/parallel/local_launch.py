@@ -25,6 +25,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def threads_per_rank(procs: int) -> int:
+    """One compute thread per rank per core: ranks on a CPU-only machine then do not fight over cores."""
+    return max(1, (os.cpu_count() or 1) // procs)
+
+
 def launcher_command(procs: int, port: int, cli_args: List[str]) -> List[str]:
     """DeepSpeed's per-node launcher, given the one-node world the `deepspeed` runner would hand it
     (``{"localhost": [0..procs-1]}``, base64 JSON): the same ranks and environment as through the
@@ -44,8 +49,7 @@ def run_local(procs: int, cli_args: List[str]) -> int:
     env = dict(os.environ)
     if not _has_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")
-        # One compute thread per rank per core keeps ranks from fighting over the same cores.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
+        env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(procs)))
     port = free_port()
     log.info("no launcher detected: starting %d local ranks with the deepspeed launcher (rendezvous 127.0.0.1:%d)",
              procs, port)

@@ -19,8 +19,9 @@ def _entry(rank, world_size, port, fn, args, results):
     import torch
 
     from moe_sys.parallel.groups import init_distributed
+    from moe_sys.parallel.local_launch import threads_per_rank
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # as the local launcher's OMP_NUM_THREADS
+    torch.set_num_threads(threads_per_rank(world_size))  # as `moe-sys train` sets OMP_NUM_THREADS
     init_distributed("gloo")
     results[rank] = fn(rank, world_size, *args)
 
